@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from .dataset import SECTIONS, LongitudinalDataset, build_longitudinal_items, collate_longitudinal, split_subjects
+from .manifest import (
+    EVENT_COLUMNS,
+    STATIC_COLUMNS,
+    VISIT_COLUMNS,
+    LongitudinalManifest,
+    ManifestError,
+    ManifestProblem,
+    load_manifest,
+    manifest_summary,
+    read_table,
+)
+
+__all__ = [
+    "EVENT_COLUMNS",
+    "SECTIONS",
+    "STATIC_COLUMNS",
+    "VISIT_COLUMNS",
+    "LongitudinalDataset",
+    "LongitudinalManifest",
+    "ManifestError",
+    "ManifestProblem",
+    "build_longitudinal_items",
+    "collate_longitudinal",
+    "load_manifest",
+    "manifest_summary",
+    "read_table",
+    "split_subjects",
+]

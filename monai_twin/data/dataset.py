@@ -1,0 +1,277 @@
+"""``LongitudinalDataset``: one item per (subject, target visit) with that visit's history.
+
+Built on :class:`monai.data.Dataset`; the item list (:func:`build_longitudinal_items`) is plain
+Python data, so it also feeds :class:`monai.data.CacheDataset` / :class:`monai.data.PersistentDataset`
+and DataLoader workers unchanged. Splits are by subject (:func:`split_subjects`), so no subject
+ever appears in two sections.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+from monai.data import Dataset
+from monai.data.utils import list_data_collate
+
+from .manifest import LongitudinalManifest
+
+__all__ = [
+    "SECTIONS",
+    "LongitudinalDataset",
+    "build_longitudinal_items",
+    "collate_longitudinal",
+    "split_subjects",
+]
+
+#: Section names, as in MONAI's ``DecathlonDataset``.
+SECTIONS = ("training", "validation", "test")
+#: Item keys that hold raw, per-sample Python structures (paths, event tables): kept as lists by
+#: :func:`collate_longitudinal` instead of being stacked.
+RAW_KEYS = ("subject_id", "history", "target", "history_label", "target_label", "events", "target_events", "static")
+
+
+def split_subjects(
+    subject_ids: Sequence[str], fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0
+) -> dict[str, list[str]]:
+    """Deterministic subject-level split into ``training`` / ``validation`` / ``test``.
+
+    Subjects are ranked by a SHA-256 hash of ``f"{seed}:{subject_id}"`` -- independent of the
+    order they are listed in, of Python's hash seed and of the platform -- and cut into sections
+    whose sizes follow ``fractions`` (largest-remainder rounding, so the counts add up exactly).
+    Every subject lands in exactly one section: no subject leaks between them.
+
+    Args:
+        subject_ids: the subjects to split (duplicates are an error).
+        fractions: three non-negative fractions summing to 1.
+        seed: changes the assignment.
+
+    Returns:
+        ``{"training": [...], "validation": [...], "test": [...]}``, each list sorted.
+
+    Example::
+
+        >>> split = split_subjects([f"s{i}" for i in range(10)], (0.6, 0.2, 0.2), seed=1)
+        >>> [len(split[k]) for k in ("training", "validation", "test")]
+        [6, 2, 2]
+    """
+    ids = [str(s) for s in subject_ids]
+    if len(set(ids)) != len(ids):
+        dup = sorted({s for s in ids if ids.count(s) > 1})
+        raise ValueError(f"split_subjects: duplicate subject ids {dup[:10]}.")
+    fr = np.asarray(fractions, dtype=np.float64)
+    if fr.shape != (3,) or (fr < 0).any() or not np.isclose(fr.sum(), 1.0):
+        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {tuple(fractions)}.")
+    ranked = sorted(ids, key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())
+    exact = fr * len(ranked)
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts), kind="stable")[: len(ranked) - counts.sum()]:
+        counts[i] += 1
+    bounds = np.cumsum(counts)
+    parts = (ranked[: bounds[0]], ranked[bounds[0] : bounds[1]], ranked[bounds[1] :])
+    return {name: sorted(part) for name, part in zip(SECTIONS, parts)}
+
+
+def _events_dict(manifest: LongitudinalManifest, rows: slice, lo: float, hi: float, closed_hi: bool) -> dict:
+    """Columns of the events of one subject with ``lo <= time < hi`` (``<= hi`` if ``closed_hi``).
+
+    Static rows (NaN time) are included when ``lo`` is ``-inf``.
+    """
+    ev = manifest.events
+    t = ev["time"].to_numpy()[rows]
+    # rows are time-sorted with NaN first: two searchsorted calls find the window, no scan
+    n_static = int(np.isnan(t).sum())
+    timed = t[n_static:]
+    start = n_static + int(np.searchsorted(timed, lo, side="left")) if np.isfinite(lo) else 0
+    stop = n_static + int(np.searchsorted(timed, hi, side="right" if closed_hi else "left"))
+    sel = slice(rows.start + start, rows.start + stop)
+    out: dict[str, np.ndarray] = {
+        "time": ev["time"].to_numpy()[sel].astype(np.float64),
+        "code": ev["code"].to_numpy(dtype=object, na_value=None)[sel],
+        "numeric_value": ev["numeric_value"].to_numpy()[sel].astype(np.float64),
+        "text_value": ev["text_value"].to_numpy(dtype=object, na_value=None)[sel],
+        "unit": ev["unit"].to_numpy(dtype=object, na_value=None)[sel],
+    }
+    return out
+
+
+def build_longitudinal_items(
+    manifest: LongitudinalManifest,
+    *,
+    min_history: int = 1,
+    max_history: int | None = None,
+    targets: Literal["all", "last"] = "all",
+    subjects: Sequence[str] | None = None,
+    target_event_window: float = 1.0,
+) -> list[dict[str, Any]]:
+    """One dictionary per (subject, target visit), before any transform.
+
+    Keys (names of ``ARCHITECTURE.md``; shapes before stacking, ``T`` = number of prior visits):
+
+    - ``subject_id`` (str), ``target_index`` (int, visit number of the target within the subject)
+    - ``history``: list of T image paths, oldest first; ``target``: the target image path
+    - ``history_label`` / ``target_label``: the same for the ``mask`` column, when present; other
+      extra image columns ``c`` appear as ``history_c`` / ``target_c``
+    - ``history_mask``: (T,) float32 ones -- which slots are real (padding transforms add zeros)
+    - ``times``: (T,) float32 days from each prior visit to the target visit (positive)
+    - ``history_times``: (T,) float64 and ``target_time`` (float): days since the subject's
+      first visit
+    - ``events``: dict of arrays (``time``, ``code``, ``numeric_value``, ``text_value``,
+      ``unit``) with every event strictly before the target time, static rows (NaN time)
+      included -- the events between the last prior visit and the target are the what-if knob
+    - ``target_events``: the same for ``target_time <= time <= target_time + target_event_window``:
+      values measured at the target visit, the future-EHR targets (never in ``events``)
+    - ``static``: dict of the subject's static attributes
+
+    Args:
+        manifest: a validated manifest.
+        min_history: fewest prior visits an item needs (>= 1).
+        max_history: most prior visits kept (the most recent ones); ``None`` keeps all.
+        targets: ``"all"`` visits that have ``min_history`` predecessors, or only each subject's
+            ``"last"`` visit.
+        subjects: restrict to these subjects (e.g. one split section).
+        target_event_window: days after the target visit whose events count as measured "at" it.
+    """
+    if min_history < 1:
+        raise ValueError(f"min_history must be >= 1 (a target needs an earlier scan), got {min_history}.")
+    if max_history is not None and max_history < min_history:
+        raise ValueError(f"max_history ({max_history}) must be >= min_history ({min_history}).")
+    if targets not in ("all", "last"):
+        raise ValueError(f"targets must be 'all' or 'last', got {targets!r}.")
+    if target_event_window < 0:
+        raise ValueError(f"target_event_window must be >= 0 days, got {target_event_window}.")
+    if subjects is None:
+        subject_list = manifest.subjects
+    else:
+        subject_list = [str(s) for s in subjects]
+        unknown = sorted(set(subject_list) - set(manifest.subjects))
+        if unknown:
+            raise KeyError(f"subject(s) not in the manifest: {unknown[:10]}")
+
+    visits = manifest.visits
+    times_all = visits["time"].to_numpy(dtype=np.float64)
+    columns = {c: visits[c].to_numpy(dtype=object, na_value=None) for c in manifest.image_columns}
+    key_of = {c: ("" if c == "image" else ("label" if c == "mask" else c)) for c in manifest.image_columns}
+    items: list[dict[str, Any]] = []
+    for sid in subject_list:
+        vs = manifest._visit_slices[sid]
+        n = vs.stop - vs.start
+        first_target = min_history
+        target_indices = range(first_target, n) if targets == "all" else ([n - 1] if n - 1 >= first_target else [])
+        ev_rows = manifest.event_slice(sid)
+        static = manifest.subject_static(sid)
+        for j in target_indices:
+            lo = j - max_history if max_history is not None else 0
+            lo = max(lo, 0)
+            hist = slice(vs.start + lo, vs.start + j)
+            tgt = vs.start + j
+            t_hist = times_all[hist]
+            t_tgt = float(times_all[tgt])
+            item: dict[str, Any] = {"subject_id": sid, "target_index": j}
+            for column, suffix in key_of.items():
+                name_h = "history" if not suffix else f"history_{suffix}"
+                name_t = "target" if not suffix else f"target_{suffix}"
+                item[name_h] = list(columns[column][hist])
+                item[name_t] = columns[column][tgt]
+            item["history_mask"] = np.ones(len(t_hist), dtype=np.float32)
+            item["times"] = (t_tgt - t_hist).astype(np.float32)
+            item["history_times"] = t_hist.copy()
+            item["target_time"] = t_tgt
+            item["events"] = _events_dict(manifest, ev_rows, -np.inf, t_tgt, closed_hi=False)
+            item["target_events"] = _events_dict(manifest, ev_rows, t_tgt, t_tgt + target_event_window, closed_hi=True)
+            item["static"] = dict(static)
+            items.append(item)
+    return items
+
+
+class LongitudinalDataset(Dataset):
+    """A MONAI :class:`~monai.data.Dataset` of forecasting samples from a longitudinal manifest.
+
+    Each item is the dictionary described in :func:`build_longitudinal_items` (paths, times, the
+    subject's raw events and static attributes), passed through ``transform``.
+
+    Args:
+        manifest: a :class:`~monai_twin.data.LongitudinalManifest`, or a folder/path accepted by
+            :func:`~monai_twin.data.load_manifest`.
+        transform: a callable (typically a ``monai.transforms.Compose``) applied to each item.
+        section: ``"training"``, ``"validation"``, ``"test"`` or ``None`` for every subject.
+        fractions: the split fractions used for ``section``.
+        seed: the split seed (see :func:`split_subjects`).
+        min_history, max_history, targets, target_event_window: see :func:`build_longitudinal_items`.
+
+    Example::
+
+        from monai.data import DataLoader
+        from monai_twin.data import LongitudinalDataset, collate_longitudinal
+
+        train = LongitudinalDataset("cohort/", section="training", max_history=4)
+        loader = DataLoader(train, batch_size=4, num_workers=2, collate_fn=collate_longitudinal)
+
+    To cache transformed items, hand the item list to MONAI's caching datasets::
+
+        items = train.data  # plain dicts, picklable
+        cached = monai.data.CacheDataset(items, transform=pipeline)
+    """
+
+    def __init__(
+        self,
+        manifest: LongitudinalManifest | str | os.PathLike,
+        transform: Callable | None = None,
+        *,
+        section: Literal["training", "validation", "test"] | None = None,
+        fractions: Sequence[float] = (0.7, 0.15, 0.15),
+        seed: int = 0,
+        min_history: int = 1,
+        max_history: int | None = None,
+        targets: Literal["all", "last"] = "all",
+        target_event_window: float = 1.0,
+    ) -> None:
+        if not isinstance(manifest, LongitudinalManifest):
+            from .manifest import load_manifest
+
+            manifest = load_manifest(manifest)
+        if section is not None and section not in SECTIONS:
+            raise ValueError(f"section must be one of {SECTIONS} or None, got {section!r}.")
+        self.manifest = manifest
+        self.section = section
+        self.split = split_subjects(manifest.subjects, fractions, seed)
+        subjects = self.split[section] if section is not None else manifest.subjects
+        items = build_longitudinal_items(
+            manifest,
+            min_history=min_history,
+            max_history=max_history,
+            targets=targets,
+            subjects=subjects,
+            target_event_window=target_event_window,
+        )
+        self.subjects = list(subjects)
+        super().__init__(data=items, transform=transform)
+
+
+def collate_longitudinal(batch: Sequence[Mapping[str, Any]], raw_keys: Sequence[str] = RAW_KEYS) -> dict[str, Any]:
+    """Collate forecasting samples into a batch dictionary.
+
+    Raw keys (paths, event tables, static dicts) and arrays whose shape differs between samples
+    (histories of different lengths before padding) stay lists of per-sample values; everything
+    else is stacked with MONAI's :func:`~monai.data.utils.list_data_collate` (MetaTensors keep
+    their metadata).
+
+    Example::
+
+        loader = DataLoader(dataset, batch_size=4, collate_fn=collate_longitudinal)
+    """
+    if not batch:
+        raise ValueError("collate_longitudinal: empty batch.")
+    keys = list(batch[0])
+    missing = [(i, k) for i, item in enumerate(batch) for k in keys if k not in item]
+    if missing:
+        raise KeyError(f"collate_longitudinal: sample {missing[0][0]} has no key {missing[0][1]!r}; samples differ.")
+    listed = [k for k in keys if k in raw_keys or len({np.shape(item[k]) for item in batch}) > 1]
+    stackable = [{k: v for k, v in item.items() if k not in listed} for item in batch]
+    out = dict(list_data_collate(stackable)) if stackable[0] else {}
+    for key in listed:
+        out[key] = [item[key] for item in batch]
+    return {k: out[k] for k in keys}
