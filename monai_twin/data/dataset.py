@@ -29,9 +29,6 @@ __all__ = [
 
 #: Section names, as in MONAI's ``DecathlonDataset``.
 SECTIONS = ("training", "validation", "test")
-#: Item keys that hold raw, per-sample Python structures (paths, event tables): kept as lists by
-#: :func:`collate_longitudinal` instead of being stacked.
-RAW_KEYS = ("subject_id", "history", "target", "history_label", "target_label", "events", "target_events", "static")
 
 
 def split_subjects(
@@ -251,13 +248,27 @@ class LongitudinalDataset(Dataset):
         super().__init__(data=items, transform=transform)
 
 
-def collate_longitudinal(batch: Sequence[Mapping[str, Any]], raw_keys: Sequence[str] = RAW_KEYS) -> dict[str, Any]:
+def _stackable(values: Sequence[Any]) -> bool:
+    """Tensors, arrays and numbers of one shape stack; text, dicts, lists and ragged arrays don't."""
+    first = values[0]
+    if isinstance(first, (str, bytes, dict, list, tuple)) or first is None:
+        return False
+    if isinstance(first, np.ndarray) and first.dtype.kind in "OUS":
+        return False
+    return len({tuple(np.shape(v)) for v in values}) == 1
+
+
+def collate_longitudinal(batch: Sequence[Mapping[str, Any]], raw_keys: Sequence[str] = ()) -> dict[str, Any]:
     """Collate forecasting samples into a batch dictionary.
 
-    Raw keys (paths, event tables, static dicts) and arrays whose shape differs between samples
-    (histories of different lengths before padding) stay lists of per-sample values; everything
-    else is stacked with MONAI's :func:`~monai.data.utils.list_data_collate` (MetaTensors keep
-    their metadata).
+    Values that cannot be stacked stay lists of per-sample values: paths (``history``, and
+    ``target`` before loading), event tables, static dicts, and arrays whose shape differs between
+    samples (histories of different lengths before padding). Everything else is stacked with MONAI's
+    :func:`~monai.data.utils.list_data_collate` (MetaTensors keep their metadata).
+
+    Args:
+        batch: the samples.
+        raw_keys: keys to keep as lists even when they could be stacked.
 
     Example::
 
@@ -266,10 +277,10 @@ def collate_longitudinal(batch: Sequence[Mapping[str, Any]], raw_keys: Sequence[
     if not batch:
         raise ValueError("collate_longitudinal: empty batch.")
     keys = list(batch[0])
-    missing = [(i, k) for i, item in enumerate(batch) for k in keys if k not in item]
-    if missing:
-        raise KeyError(f"collate_longitudinal: sample {missing[0][0]} has no key {missing[0][1]!r}; samples differ.")
-    listed = [k for k in keys if k in raw_keys or len({np.shape(item[k]) for item in batch}) > 1]
+    for i, item in enumerate(batch):
+        if set(item) != set(keys):
+            raise KeyError(f"collate_longitudinal: sample {i} has keys {sorted(item)}, sample 0 has {sorted(keys)}.")
+    listed = {k for k in keys if k in raw_keys or not _stackable([item[k] for item in batch])}
     stackable = [{k: v for k, v in item.items() if k not in listed} for item in batch]
     out = dict(list_data_collate(stackable)) if stackable[0] else {}
     for key in listed:

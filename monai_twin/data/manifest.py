@@ -957,7 +957,9 @@ def load_manifest(
         keep_visits = ~visits_c["subject_id"].isin(single).to_numpy()
         visits_c, v_values = visits_c[keep_visits], v_times.values[keep_visits]
         dropped = set(single)
-        keep_events &= ~events_c["subject_id"].isin(dropped).to_numpy()
+        with_single = events_c["subject_id"].isin(dropped).to_numpy()
+        report["single_visit_event_rows_dropped"] = int((with_single & keep_events).sum())
+        keep_events &= ~with_single
         keep_static &= ~static_c["subject_id"].isin(dropped).to_numpy()
     else:
         v_values = v_times.values
