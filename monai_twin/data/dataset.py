@@ -72,27 +72,32 @@ def split_subjects(
     return {name: sorted(part) for name, part in zip(SECTIONS, parts)}
 
 
-def _events_dict(manifest: LongitudinalManifest, rows: slice, lo: float, hi: float, closed_hi: bool) -> dict:
-    """Columns of the events of one subject with ``lo <= time < hi`` (``<= hi`` if ``closed_hi``).
+def _event_columns(manifest: LongitudinalManifest) -> dict[str, np.ndarray]:
+    """The events table as arrays, converted once per item list."""
+    ev = manifest.events
+    return {
+        "time": ev["time"].to_numpy(dtype=np.float64),
+        "code": ev["code"].to_numpy(dtype=object, na_value=None),
+        "numeric_value": ev["numeric_value"].to_numpy(dtype=np.float64),
+        "text_value": ev["text_value"].to_numpy(dtype=object, na_value=None),
+        "unit": ev["unit"].to_numpy(dtype=object, na_value=None),
+    }
+
+
+def _events_window(columns: dict[str, np.ndarray], rows: slice, lo: float, hi: float, closed_hi: bool) -> dict:
+    """Events of one subject (its ``rows``) with ``lo <= time < hi`` (``<= hi`` if ``closed_hi``).
 
     Static rows (NaN time) are included when ``lo`` is ``-inf``.
     """
-    ev = manifest.events
-    t = ev["time"].to_numpy()[rows]
-    # rows are time-sorted with NaN first: two searchsorted calls find the window, no scan
+    t = columns["time"][rows]
+    # rows are time-sorted with NaN first: two binary searches find the window, no scan
     n_static = int(np.isnan(t).sum())
     timed = t[n_static:]
     start = n_static + int(np.searchsorted(timed, lo, side="left")) if np.isfinite(lo) else 0
     stop = n_static + int(np.searchsorted(timed, hi, side="right" if closed_hi else "left"))
     sel = slice(rows.start + start, rows.start + stop)
-    out: dict[str, np.ndarray] = {
-        "time": ev["time"].to_numpy()[sel].astype(np.float64),
-        "code": ev["code"].to_numpy(dtype=object, na_value=None)[sel],
-        "numeric_value": ev["numeric_value"].to_numpy()[sel].astype(np.float64),
-        "text_value": ev["text_value"].to_numpy(dtype=object, na_value=None)[sel],
-        "unit": ev["unit"].to_numpy(dtype=object, na_value=None)[sel],
-    }
-    return out
+    # copies, not views: a transform that edits one item's events in place must not edit another's
+    return {name: values[sel].copy() for name, values in columns.items()}
 
 
 def build_longitudinal_items(
@@ -151,6 +156,7 @@ def build_longitudinal_items(
     visits = manifest.visits
     times_all = visits["time"].to_numpy(dtype=np.float64)
     columns = {c: visits[c].to_numpy(dtype=object, na_value=None) for c in manifest.image_columns}
+    event_columns = _event_columns(manifest)
     key_of = {c: ("" if c == "image" else ("label" if c == "mask" else c)) for c in manifest.image_columns}
     items: list[dict[str, Any]] = []
     for sid in subject_list:
@@ -177,8 +183,10 @@ def build_longitudinal_items(
             item["times"] = (t_tgt - t_hist).astype(np.float32)
             item["history_times"] = t_hist.copy()
             item["target_time"] = t_tgt
-            item["events"] = _events_dict(manifest, ev_rows, -np.inf, t_tgt, closed_hi=False)
-            item["target_events"] = _events_dict(manifest, ev_rows, t_tgt, t_tgt + target_event_window, closed_hi=True)
+            item["events"] = _events_window(event_columns, ev_rows, -np.inf, t_tgt, closed_hi=False)
+            item["target_events"] = _events_window(
+                event_columns, ev_rows, t_tgt, t_tgt + target_event_window, closed_hi=True
+            )
             item["static"] = dict(static)
             items.append(item)
     return items

@@ -300,8 +300,11 @@ def _parse_times(col: pd.Series, column: str, out: _Collector) -> _ParsedTimes:
 
     # text / python objects: numbers of days, ISO 8601 strings or datetime objects
     missing = _is_missing(col)
-    is_datetime_obj = col.map(lambda v: hasattr(v, "year") and hasattr(v, "tzinfo")).to_numpy(dtype=bool)
-    obj_aware = col.map(lambda v: getattr(v, "tzinfo", None) is not None).to_numpy(dtype=bool) & is_datetime_obj
+    if pd.api.types.is_object_dtype(dtype):  # python objects may be datetimes; a string column cannot
+        is_datetime_obj = col.map(lambda v: hasattr(v, "year") and hasattr(v, "tzinfo")).to_numpy(dtype=bool)
+        obj_aware = col.map(lambda v: getattr(v, "tzinfo", None) is not None).to_numpy(dtype=bool) & is_datetime_obj
+    else:
+        is_datetime_obj = obj_aware = np.zeros(n, dtype=bool)
     text = col.astype("string").str.strip()
     numbers = pd.to_numeric(text.where(~pd.Series(is_datetime_obj | missing, index=col.index)), errors="coerce")
     is_number = numbers.notna().to_numpy() & ~missing & ~is_datetime_obj
