@@ -20,13 +20,14 @@ __all__ = [
     "get_config_values",
     "print_config",
     "utils",
+    "visualize",
 ]
 
-_SUBMODULES = {"apps", "config", "data", "utils"}
+_SUBMODULES = {"apps", "config", "data", "utils", "visualize"}
 _CONFIG_FUNCTIONS = {"print_config", "get_config_values"}
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import apps, config, data, utils
+    from . import apps, config, data, utils, visualize
     from .config import get_config_values, print_config
 
 
