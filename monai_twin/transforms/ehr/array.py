@@ -20,6 +20,7 @@ from monai.utils.type_conversion import convert_to_tensor
 
 from .functional import (
     REDUCERS,
+    _check_reducers,
     _exposure_message,
     _ExposureError,
     _to_numpy,
@@ -103,7 +104,7 @@ class EHRToIntervalFeatures(Transform):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.vocabulary = _vocabulary(vocabulary)
-        self.reducers = tuple(reducers)
+        self.reducers = _check_reducers(reducers)
         self.feature_names = interval_feature_names(self.vocabulary, self.reducers, exposure, time_since)
         if decay is not None and not decay > 0:
             raise ValueError(f"decay must be a positive number of days or None, got {decay}.")
