@@ -125,7 +125,7 @@ def _register_extra_commands(sub: argparse._SubParsersAction) -> None:
 
 
 #: Modules that expose ``add_parser(subparsers)``; they must import nothing heavy at module level.
-_EXTRA_COMMAND_MODULES: tuple[str, ...] = ("monai_twin.apps.synth_command",)
+_EXTRA_COMMAND_MODULES: tuple[str, ...] = ("monai_twin.apps.demo", "monai_twin.apps.synth_command")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
