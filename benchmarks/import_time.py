@@ -47,7 +47,9 @@ def main() -> None:
         med = statistics.median(values)
         print(f"{name:40s} {med:6.2f} s   ratio to baseline {med / base:5.2f}   added {med - base:+6.2f} s")
     added = statistics.median(samples["import monai; import monai_twin"]) - base
-    print(f"\nimport monai_twin adds {added:+.2f} s on top of import monai (target < 2 s): {'PASS' if added < 2 else 'FAIL'}")
+    print(
+        f"\nimport monai_twin adds {added:+.2f} s on top of import monai (target < 2 s): {'PASS' if added < 2 else 'FAIL'}"
+    )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ def test_items(nifti_cohort, capsys):
 
 
 def test_console_script_help():
-    out = subprocess.run([sys.executable, "-m", "monai_twin", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "monai_twin", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "validate" in out and "config" in out
 
 
