@@ -256,7 +256,11 @@ def sample_acquisition(
 
 
 def apply_acquisition(
-    aligned: np.ndarray, transform: AcquisitionTransform, intensity_range: float = 1.0, noise: bool = True
+    aligned: np.ndarray,
+    transform: AcquisitionTransform,
+    intensity_range: float = 1.0,
+    noise: bool = True,
+    displacement: np.ndarray | None = None,
 ) -> np.ndarray:
     """Acquire an aligned render: warp by the displacement, multiply by the gain, add noise.
 
@@ -265,6 +269,7 @@ def apply_acquisition(
         transform: the acquisition.
         intensity_range: the image's intensity range, which the noise level is a fraction of.
         noise: add the transform's noise (``False`` gives the noise-free acquired image).
+        displacement: the transform's dense displacement, when already computed (saves rebuilding it).
 
     Returns:
         the acquired image, float32, same shape (Rician noise keeps it non-negative).
@@ -272,7 +277,8 @@ def apply_acquisition(
     aligned = np.asarray(aligned, dtype=np.float32)
     if aligned.shape != transform.spatial_shape:
         raise ValueError(f"aligned has shape {aligned.shape}, the transform expects {transform.spatial_shape}.")
-    positions = identity_grid(aligned.shape) + transform.displacement()
+    u = transform.displacement() if displacement is None else displacement
+    positions = identity_grid(aligned.shape) + u
     image = warp(aligned, positions, order=3) * transform.gain_field()
     if noise and transform.noise_sigma > 0:
         real, imag = transform.noise_field(intensity_range)

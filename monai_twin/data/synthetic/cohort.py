@@ -52,6 +52,12 @@ __all__ = [
 
 Kind = Literal["mammo2d", "mri_roi3d"]
 
+# On-disk steps: images like a 12-bit detector over the simulators' [0, ~1] intensity range,
+# displacements to 1/100 voxel, gains to 1/2000. Fixed steps keep the files compressible.
+_IMAGE_QUANTUM = 1.0 / 4000.0
+_DISPLACEMENT_QUANTUM = 0.01
+_GAIN_QUANTUM = 1.0 / 2000.0
+
 
 @dataclass(frozen=True)
 class _Simulator:
@@ -187,10 +193,11 @@ def _render_visit(subject: SyntheticSubject, row: pd.Series, k: int):
     sim = _simulator(subject.kind)
     aligned, mask, extra = sim.render(subject, row)
     transform = _acquisition_for(subject, k)
-    acquired = apply_acquisition(aligned, transform, intensity_range=1.0)
-    positions = identity_grid(aligned.shape) + transform.displacement()
+    displacement = transform.displacement()
+    acquired = apply_acquisition(aligned, transform, intensity_range=1.0, displacement=displacement)
+    positions = identity_grid(aligned.shape) + displacement
     mask_acquired = warp(mask.astype(np.float32), positions, order=0).astype(np.uint8)
-    return aligned, acquired, mask_acquired, extra, transform
+    return aligned, acquired, mask_acquired, extra, transform, displacement
 
 
 def resimulate(
@@ -230,7 +237,7 @@ def resimulate(
     truth["change_mm"], truth["changed"] = _changed(subject.kind, subject, truth)
     aligned, images, masks, extras = [], [], [], []
     for k in range(len(at)):
-        a, img, m, extra, _ = _render_visit(subject, truth.iloc[k], k)
+        a, img, m, extra, _, _ = _render_visit(subject, truth.iloc[k], k)
         aligned.append(a)
         images.append(img)
         masks.append(m)
@@ -274,26 +281,30 @@ def _write_subject(args: tuple[str, int, int, Any, str, bool]) -> dict[str, pd.D
     rows: dict[str, list] = {k: [] for k in ("image", "mask", "displacement", "gain", "aligned", "acquisition")}
     extras: list[dict[str, float]] = []
     for k in range(subject.n_visits):
-        aligned, acquired, mask, extra, transform = _render_visit(subject, truth.iloc[k], k)
+        aligned, acquired, mask, extra, transform, displacement = _render_visit(subject, truth.iloc[k], k)
         extras.append(extra)
         stem = f"v{k:02d}"
         image_rel = f"images/{sid}/{stem}.nii.gz"
         mask_rel = f"masks/{sid}/{stem}.nii.gz"
         disp_rel = f"transforms/{sid}/{stem}_displacement.nii.gz"
-        write_nifti_deterministic(out_dir / image_rel, acquired, spacing, np.int16)
+        write_nifti_deterministic(out_dir / image_rel, acquired, spacing, np.int16, quantum=_IMAGE_QUANTUM)
         write_nifti_deterministic(out_dir / mask_rel, mask, spacing, np.uint8)
         # NIfTI vector fields put the components on the fifth axis: (X, Y, Z, 1, ndim)
-        disp = np.moveaxis(transform.displacement(), 0, -1)
+        disp = np.moveaxis(displacement, 0, -1)
         disp = disp.reshape(config.spatial_shape + (1,) * (3 - ndim) + (1, ndim))
-        write_nifti_deterministic(out_dir / disp_rel, disp, spacing, np.int16, intent="vector")
+        write_nifti_deterministic(
+            out_dir / disp_rel, disp, spacing, np.int16, intent="vector", quantum=_DISPLACEMENT_QUANTUM
+        )
         gain_rel = None
         if transform.bias_coefficients:
             gain_rel = f"transforms/{sid}/{stem}_gain.nii.gz"
-            write_nifti_deterministic(out_dir / gain_rel, transform.gain_field(), spacing, np.int16)
+            write_nifti_deterministic(
+                out_dir / gain_rel, transform.gain_field(), spacing, np.int16, quantum=_GAIN_QUANTUM
+            )
         aligned_rel = None
         if save_aligned:
             aligned_rel = f"aligned/{sid}/{stem}.nii.gz"
-            write_nifti_deterministic(out_dir / aligned_rel, aligned, spacing, np.int16)
+            write_nifti_deterministic(out_dir / aligned_rel, aligned, spacing, np.int16, quantum=_IMAGE_QUANTUM)
         for key, value in (
             ("image", image_rel),
             ("mask", mask_rel),
