@@ -18,16 +18,17 @@ __all__ = [
     "config",
     "data",
     "get_config_values",
+    "networks",
     "print_config",
     "utils",
     "visualize",
 ]
 
-_SUBMODULES = {"apps", "config", "data", "utils", "visualize"}
+_SUBMODULES = {"apps", "config", "data", "networks", "utils", "visualize"}
 _CONFIG_FUNCTIONS = {"print_config", "get_config_values"}
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import apps, config, data, utils, visualize
+    from . import apps, config, data, networks, utils, visualize
     from .config import get_config_values, print_config
 
 

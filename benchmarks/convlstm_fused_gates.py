@@ -1,0 +1,88 @@
+"""Fused-gate ConvLSTM vs a per-gate reference: forward + backward over a sequence, CPU.
+
+Target (forecasting issue): the fused cell (one convolution for the four gates) is >= 1.5x a
+per-gate reference, with the same outputs to 1e-5. Two references are timed: the textbook cell
+(per gate one convolution of x and one of h: eight convolutions) and a per-gate cell over the
+concatenated [x, h] (four convolutions). All run in this process on the same inputs, alternating,
+and the medians are compared.
+
+Usage::
+
+    python benchmarks/convlstm_fused_gates.py --repeats 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from monai_twin.networks import ConvLSTMCell
+from tests.networks.reference import PerGateConvLSTMCell, TextbookConvLSTMCell
+
+CASES = {
+    "2D  B4 T4 C16->H32 64x64": (2, 4, 4, 16, 32, (64, 64)),
+    "3D  B2 T4 C8->H16 32^3": (3, 2, 4, 8, 16, (32, 32, 32)),
+}
+
+
+def run_sequence(cell, x: torch.Tensor, hidden: int) -> torch.Tensor:
+    b, t = x.shape[:2]
+    h = x.new_zeros((b, hidden, *x.shape[3:]))
+    c = h.clone()
+    for step in range(t):
+        h, c = cell(x[:, step], (h, c))
+    return h
+
+
+def timed(cell, x, hidden) -> float:
+    start = time.perf_counter()
+    out = run_sequence(cell, x, hidden)
+    out.square().mean().backward()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 = one core, less noise)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    for name, (dims, b, t, c_in, hidden, spatial) in CASES.items():
+        fused = ConvLSTMCell(dims, c_in, hidden)
+        references = {
+            "textbook (8 convs)": TextbookConvLSTMCell(fused),
+            "per-gate on [x,h] (4 convs)": PerGateConvLSTMCell(fused),
+        }
+        x = torch.randn(b, t, c_in, *spatial)
+        samples = {"fused": []} | {k: [] for k in references}
+        cells = {"fused": fused} | references
+        errors = {}
+        with torch.no_grad():
+            out = run_sequence(fused, x, hidden)
+            for k, ref in references.items():
+                errors[k] = (out - run_sequence(ref, x, hidden)).abs().max().item()
+        for cell in cells.values():
+            timed(cell, x, hidden)  # warm-up
+        for _ in range(args.repeats):
+            for k, cell in cells.items():
+                samples[k].append(timed(cell, x, hidden))
+        f_med = statistics.median(samples["fused"])
+        print(f"{name}: fused {f_med * 1e3:7.1f} ms")
+        for k in references:
+            r_med = statistics.median(samples[k])
+            print(
+                f"    vs {k:28s} {r_med * 1e3:7.1f} ms  speed-up {r_med / f_med:4.2f}x (target >= 1.5x)  "
+                f"max |diff| {errors[k]:.1e} (target <= 1e-5)"
+            )
+
+
+if __name__ == "__main__":
+    main()

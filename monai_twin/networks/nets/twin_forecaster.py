@@ -1,0 +1,247 @@
+"""``TwinForecaster``: earlier scans + EHR -> the next scan at a chosen date (+ future EHR values).
+
+Image encoder (shared over time) -> EHR conditioning (ST-FiLM / FiLM / extra channels / none)
+-> ConvLSTM over the visits, seeing each irregular gap -> U-Net-style decoder with skips from the
+last scan -> **change** added to the last scan. The decoder's last layer starts at zero, so an
+untrained model forecasts "no change" (copy-last, the strong baseline on longitudinal images) and
+training only has to learn what changes. An MLP head reads the final state for future EHR values.
+
+Built from MONAI's ``Convolution``/``UpSample`` blocks and this package's :class:`ConvLSTM`,
+:class:`FiLM`, :class:`STFiLM` and :class:`EHREncoder`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.blocks import Convolution, UpSample
+from torch import nn
+
+from ..blocks.convlstm import ConvLSTM
+from ..blocks.ehr_encoder import EHREncoder
+from ..blocks.film import FiLM, STFiLM
+
+__all__ = ["CONDITIONING", "TwinForecaster"]
+
+#: The ways EHR reaches the image features: one flag for the ablation.
+CONDITIONING = ("stfilm", "film", "channels", "none")
+
+
+class _UpBlock(nn.Module):
+    """Upsample by 2, concatenate the skip features, convolve."""
+
+    def __init__(self, spatial_dims: int, c_in: int, c_out: int, act: str | tuple, norm: str | tuple) -> None:
+        super().__init__()
+        self.up = UpSample(spatial_dims, c_in, c_out, scale_factor=2, mode="deconv")
+        self.conv = Convolution(spatial_dims, 2 * c_out, c_out, act=act, norm=norm)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([self.up(x), skip], dim=1))
+
+
+class TwinForecaster(nn.Module):
+    """ConvLSTM twin with spatio-temporal FiLM conditioning.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: channels of each scan.
+        out_channels: channels of the forecast (default ``in_channels``; must equal it when
+            ``residual``).
+        channels: encoder channels per level; each level after the first halves the resolution,
+            so spatial sizes must be divisible by ``2 ** (len(channels) - 1)``.
+        hidden_channels: ConvLSTM hidden channels (int, or one per layer).
+        ehr_interval_dim: ``F`` of ``ehr_intervals`` (0: none).
+        ehr_static_dim: ``S`` of ``ehr_static`` (0: none).
+        ehr_embed_dim: per-time EHR embedding size.
+        conditioning: ``"stfilm"``, ``"film"``, ``"channels"`` (embedding broadcast as extra
+            channels) or ``"none"`` (EHR ignored; the time gaps still reach the ConvLSTM).
+        future_ehr_dim: ``K`` values predicted by the future-EHR head (0: no head).
+        max_history: most prior visits accepted.
+        time_scale: days per time unit for gaps fed to the network (a year by default).
+        residual: predict the change from the last scan (recommended) instead of the scan.
+        act, norm: MONAI layer factory names for the encoder/decoder blocks.
+
+    Inputs of ``forward`` (``T`` prior visits, padded slots marked in ``history_mask``):
+        history ``(B, T, C, *spatial)``, times ``(B, T)`` days from each visit to the target,
+        history_mask ``(B, T)`` (default all ones; real visits must be contiguous),
+        ehr_intervals ``(B, T, F)``, ehr_intervals_mask ``(B, T, F)``, ehr_static ``(B, S)``.
+
+    Returns:
+        ``forward``: the forecast ``(B, out_channels, *spatial)``; ``forecast``: the forecast and
+        the future EHR values ``(B, K)``.
+
+    Example::
+
+        net = TwinForecaster(spatial_dims=2, in_channels=1, ehr_interval_dim=12, ehr_static_dim=6, future_ehr_dim=1)
+        pred = net(torch.rand(2, 3, 1, 64, 64), times=torch.tensor([[700.0, 400, 90], [500, 200, 30]]),
+                   ehr_intervals=torch.randn(2, 3, 12), ehr_static=torch.randn(2, 6))
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int | None = None,
+        channels: Sequence[int] = (16, 32),
+        hidden_channels: Sequence[int] | int = 32,
+        ehr_interval_dim: int = 0,
+        ehr_static_dim: int = 0,
+        ehr_embed_dim: int = 32,
+        conditioning: str = "stfilm",
+        future_ehr_dim: int = 0,
+        max_history: int = 8,
+        time_scale: float = 365.0,
+        residual: bool = True,
+        act: str | tuple = "PRELU",
+        norm: str | tuple = "INSTANCE",
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if conditioning not in CONDITIONING:
+            raise ValueError(f"conditioning must be one of {CONDITIONING}, got {conditioning!r}.")
+        out_channels = in_channels if out_channels is None else out_channels
+        if residual and out_channels != in_channels:
+            raise ValueError(f"residual=True needs out_channels == in_channels ({in_channels}), got {out_channels}.")
+        channels = list(channels)
+        if not channels or min(channels) < 1:
+            raise ValueError(f"channels must be a non-empty sequence of positive ints, got {channels}.")
+        if max_history < 1:
+            raise ValueError(f"max_history must be >= 1, got {max_history}.")
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.conditioning = conditioning
+        self.max_history = max_history
+        self.time_scale = float(time_scale)
+        self.residual = residual
+        self.future_ehr_dim = future_ehr_dim
+        self.levels = len(channels)
+
+        self.encoder = nn.ModuleList()
+        c_prev = in_channels
+        for level, c in enumerate(channels):
+            self.encoder.append(
+                Convolution(spatial_dims, c_prev, c, strides=1 if level == 0 else 2, act=act, norm=norm)
+            )
+            c_prev = c
+        self.ehr_encoder = EHREncoder(ehr_interval_dim, ehr_static_dim, ehr_embed_dim, time_scale=time_scale)
+        deep = channels[-1]
+        self.modulation: nn.Module | None = None
+        if conditioning == "stfilm":
+            self.modulation = STFiLM(spatial_dims, deep, ehr_embed_dim)
+        elif conditioning == "film":
+            self.modulation = FiLM(spatial_dims, deep, ehr_embed_dim)
+        lstm_in = deep + (ehr_embed_dim if conditioning == "channels" else 0)
+        self.lstm = ConvLSTM(spatial_dims, lstm_in, hidden_channels, time_gap=True)
+        self.bridge = Convolution(spatial_dims, self.lstm.out_channels + deep, deep, act=act, norm=norm)
+
+        self.decoder = nn.ModuleList(
+            _UpBlock(spatial_dims, channels[level], channels[level - 1], act, norm)
+            for level in range(self.levels - 1, 0, -1)
+        )
+        self.head = Convolution(spatial_dims, channels[0], out_channels, kernel_size=1, conv_only=True)
+        if residual:
+            # zero change before training: the untrained twin is the copy-last baseline
+            nn.init.zeros_(self.head.conv.weight)
+            nn.init.zeros_(self.head.conv.bias)
+        self.ehr_head: nn.Module | None = None
+        if future_ehr_dim > 0:
+            self.ehr_head = nn.Sequential(
+                nn.Linear(self.lstm.out_channels + ehr_embed_dim + 1, 64), nn.GELU(), nn.Linear(64, future_ehr_dim)
+            )
+
+    def _check_inputs(self, history: torch.Tensor, times: torch.Tensor, mask: torch.Tensor) -> None:
+        if history.dim() != self.spatial_dims + 3:
+            raise ValueError(
+                f"history must have shape (B, T, C, *{self.spatial_dims} spatial dims), got {list(history.shape)}."
+            )
+        if history.shape[2] != self.in_channels:
+            raise ValueError(f"history has {history.shape[2]} channels, expected in_channels={self.in_channels}.")
+        b, t = history.shape[0], history.shape[1]
+        if t > self.max_history:
+            raise ValueError(f"history has T={t} visits, more than max_history={self.max_history}.")
+        factor = 2 ** (self.levels - 1)
+        for size in history.shape[3:]:
+            if size % factor != 0:
+                raise ValueError(f"spatial size {list(history.shape[3:])} must be divisible by {factor}.")
+        if times.dim() != 2 or times.shape[0] != b or times.shape[1] != t:
+            raise ValueError(f"times must have shape (B, T) = ({b}, {t}) to match history, got {list(times.shape)}.")
+        if mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] != t:
+            raise ValueError(f"history_mask must have shape (B, T) = ({b}, {t}), got {list(mask.shape)}.")
+        if bool((mask.sum(dim=1) == 0).any()):
+            raise ValueError("history_mask marks every visit of a sample as padding; each sample needs a prior scan.")
+        if bool(torch.isnan(history).any()) or bool(torch.isnan(times).any()):
+            raise ValueError("history or times contains NaN.")
+
+    def _gaps(self, times: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Days from each real visit to the next real one, the last reaching the target (scaled)."""
+        zeros = torch.zeros_like(times[:, :1])
+        next_real = torch.cat([mask[:, 1:], zeros], dim=1)
+        next_time = torch.cat([times[:, 1:], zeros], dim=1) * next_real
+        return (times - next_time).clamp(min=0.0) * mask / self.time_scale
+
+    @torch.jit.export
+    def forecast(
+        self,
+        history: torch.Tensor,
+        times: torch.Tensor,
+        history_mask: torch.Tensor | None = None,
+        ehr_intervals: torch.Tensor | None = None,
+        ehr_intervals_mask: torch.Tensor | None = None,
+        ehr_static: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forecast ``(B, out_channels, *spatial)`` and future EHR values ``(B, K)`` (K may be 0)."""
+        mask = torch.ones_like(times) if history_mask is None else history_mask.to(times.dtype)
+        self._check_inputs(history, times, mask)
+        b, t = history.shape[0], history.shape[1]
+        frames = history.reshape([b * t] + list(history.shape[2:]))
+        skips: list[torch.Tensor] = []
+        x = frames
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+        feats = x.reshape([b, t] + list(x.shape[1:]))
+        cond = self.ehr_encoder(times, ehr_intervals, ehr_intervals_mask, ehr_static)  # (B, T, E)
+        if self.conditioning == "channels":
+            view = [b, t, cond.shape[2]] + [1] * self.spatial_dims
+            feats = torch.cat([feats, cond.reshape(view).expand([b, t, cond.shape[2]] + list(feats.shape[3:]))], dim=2)
+        elif self.modulation is not None:
+            if self.conditioning == "stfilm":
+                feats = self.modulation(feats, cond)
+            else:
+                flat = self.modulation(feats.reshape([b * t] + list(feats.shape[2:])), cond.reshape(b * t, -1))
+                feats = flat.reshape(feats.shape)
+        _, (h, _c) = self.lstm(feats, mask, self._gaps(times, mask))
+
+        # the last real visit of each sample (real visits are contiguous)
+        order = torch.arange(1, t + 1, device=mask.device, dtype=mask.dtype).unsqueeze(0)
+        last = torch.argmax(mask * order, dim=1)
+        rows = torch.arange(b, device=history.device)
+        last_skips = [s.reshape([b, t] + list(s.shape[1:]))[rows, last] for s in skips]
+        y = self.bridge(torch.cat([h, last_skips[-1]], dim=1))
+        for i, block in enumerate(self.decoder):
+            y = block(y, last_skips[-2 - i])
+        out = self.head(y)
+        if self.residual:
+            out = out + history[rows, last]
+
+        if self.ehr_head is not None:
+            pooled = h.flatten(2).mean(dim=2)
+            gap_to_target = torch.log1p(times[rows, last].clamp(min=0.0) / self.time_scale).unsqueeze(1)
+            future = self.ehr_head(torch.cat([pooled, cond[rows, last], gap_to_target], dim=1))
+        else:
+            future = torch.zeros(b, 0, dtype=out.dtype, device=out.device)
+        return out, future
+
+    def forward(
+        self,
+        history: torch.Tensor,
+        times: torch.Tensor,
+        history_mask: torch.Tensor | None = None,
+        ehr_intervals: torch.Tensor | None = None,
+        ehr_intervals_mask: torch.Tensor | None = None,
+        ehr_static: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.forecast(history, times, history_mask, ehr_intervals, ehr_intervals_mask, ehr_static)[0]
