@@ -194,8 +194,11 @@ class Register(InvertibleTransform):
 
     Args:
         stages: a stage name or a sequence of them, e.g. ``("rigid", "affine", "demons")``.
-        metric: for linear and B-spline stages: ``"mattes"`` (mutual information, any contrast),
-            ``"mean_squares"`` or ``"correlation"`` (same contrast), ``"ants_correlation"``.
+        metric: for linear and B-spline stages: ``"correlation"`` (default: follow-up scans of one
+            patient share a contrast; insensitive to a global gain), ``"mean_squares"`` (same
+            contrast and scale), ``"mattes"`` (mutual information, for cross-contrast pairs; on
+            smooth images with a large flat background it can favour a slight shrink, so prefer the
+            same-contrast metrics when they apply), ``"ants_correlation"`` (local correlation).
             Demons always match intensities directly (use ``match_histograms`` across scanners).
         levels: shrink factor per resolution level, coarse to fine.
         smoothing_sigmas: Gaussian smoothing per level in voxels; default ``(factor - 1) / 2``.
@@ -222,10 +225,12 @@ class Register(InvertibleTransform):
         on_error: ``"raise"`` a :class:`RegistrationError` when the engine fails, or
             ``"identity"``: resample without registration and record the failure (``"failed"``
             in the record) for :class:`RegistrationQuality` to act on.
+        min_overlap: share of the fixed grid the registered moving image must cover; less counts as
+            an engine failure (some ITK metrics only warn when no sample overlaps).
 
     Example::
 
-        reg = Register(stages=("rigid", "affine", "fast_symmetric_demons"), metric="mattes")
+        reg = Register(stages=("rigid", "affine", "fast_symmetric_demons"), metric="correlation")
         moved = reg(moving, fixed)          # MetaTensor on fixed's grid
         field = registration_displacement(moved)  # (ndim, H, W[, D]) voxels
         back = reg.inverse(moved)           # on moving's grid again
@@ -236,7 +241,7 @@ class Register(InvertibleTransform):
     def __init__(
         self,
         stages: str | Sequence[str] = "rigid",
-        metric: str = "mattes",
+        metric: str = "correlation",
         levels: Sequence[int] = (4, 2, 1),
         smoothing_sigmas: Sequence[float] | None = None,
         iterations: int = 200,
@@ -256,6 +261,7 @@ class Register(InvertibleTransform):
         nan_fill: float | None = None,
         seed: int = 0,
         on_error: str = "raise",
+        min_overlap: float = 0.1,
     ) -> None:
         self.stages = _check_stages(stages)
         if metric not in METRICS:
@@ -294,6 +300,9 @@ class Register(InvertibleTransform):
         self.padding_mode = padding_mode
         self.nan_fill = nan_fill
         self.on_error = on_error
+        if not 0.0 <= min_overlap <= 1.0:
+            raise ValueError(f"min_overlap must be in [0, 1], got {min_overlap}.")
+        self.min_overlap = float(min_overlap)
 
     # -- computing ---------------------------------------------------------------------------
 
@@ -329,15 +338,30 @@ class Register(InvertibleTransform):
             result = sitk_register(
                 m_arr, m_aff.numpy(), f_arr, f_aff.numpy(), self.stages, self.options, f_mask, m_mask
             )
+            overlap = float(
+                _valid_region(
+                    record["src_shape"], m_aff, f_aff, record["dst_shape"], result.matrix, result.displacement
+                )
+                .float()
+                .mean()
+            )
+            if overlap < self.min_overlap:
+                # some ITK metrics only warn when no sample overlaps; a result that leaves the fixed
+                # grid (almost) empty is a failure, not a registration
+                raise RuntimeError(
+                    f"Description: the registered moving image covers {overlap:.1%} of the fixed grid "
+                    f"(min_overlap {self.min_overlap:.0%})"
+                )
         except RuntimeError as err:  # SimpleITK reports every engine failure as RuntimeError
             message = str(err).strip().splitlines()
             reason = next((line for line in message if "Description" in line), message[-1] if message else "")
+            reason = reason.replace("Description:", "").strip()
             if self.on_error == "raise":
                 raise RegistrationError(
-                    f"registration {self.stages} failed: {reason.strip()} (the images may not overlap or be "
+                    f"registration {self.stages} failed: {reason} (the images may not overlap or be "
                     "unrelated; on_error='identity' records the failure for quality control instead)."
                 ) from err
-            record.update(matrix=torch.eye(fixed.ndim, dtype=torch.float64), displacement=None, failed=reason.strip())
+            record.update(matrix=torch.eye(fixed.ndim, dtype=torch.float64), displacement=None, failed=reason)
             record.update(metric_values={}, iterations={})
             return record
         record["matrix"] = torch.as_tensor(result.matrix, dtype=torch.float64)
@@ -364,8 +388,12 @@ class Register(InvertibleTransform):
             )
         mode = self.mode if mode is None else mode
         padding_mode = self.padding_mode if padding_mode is None else padding_mode
+        values = src.as_tensor() if isinstance(src, MetaTensor) else src
+        if self.nan_fill is not None and values.dtype.is_floating_point:
+            # the same replacement the registration saw, so no NaN spreads through interpolation
+            values = torch.where(torch.isfinite(values), values, torch.as_tensor(self.nan_fill, dtype=values.dtype))
         data = resample_through(
-            src.as_tensor() if isinstance(src, MetaTensor) else src,
+            values,
             record["src_affine"],
             record["dst_affine"],
             record["dst_shape"],
@@ -427,12 +455,11 @@ def _with_grid(data: torch.Tensor, like: MetaTensor, affine: torch.Tensor) -> Me
     # copy_meta_from shares containers with ``like``: detach them so the input is never modified
     out.meta = copy.copy(out.meta)
     out.applied_operations = list(out.applied_operations)
-    ndim = data.ndim - 1
-    full = torch.eye(4, dtype=torch.float64)
     aff = torch.as_tensor(affine, dtype=torch.float64)
-    if ndim == 3:
+    full = torch.eye(4, dtype=torch.float64)
+    if aff.shape[0] == 4:
         full = aff
-    else:
+    else:  # a 2D (3, 3) affine goes into MONAI's 4x4 with the translation in the last column
         full[:2, :2] = aff[:2, :2]
         full[:2, 3] = aff[:2, 2]
     out.affine = full
@@ -573,7 +600,8 @@ class RegisterSequence(InvertibleTransform):
         )
         visits = []
         for t in range(stacked.shape[0]):
-            v = MetaTensor(stacked.as_tensor()[t], affine=stacked.affine, meta=dict(stacked.meta))
+            meta = {k: v for k, v in stacked.meta.items() if k != "affine"}
+            v = MetaTensor(stacked.as_tensor()[t], affine=stacked.affine, meta=meta)
             visits.append(v)
         return visits, True
 

@@ -187,7 +187,8 @@ class RegistrationQuality(Transform):
     * ``"flag"``: only the metadata says ``passed=False`` (downstream code decides).
     * ``"raise"``: :class:`RegistrationQualityError`.
     * ``"drop"`` (sequences): failing visits are removed from the stack; ``meta["kept_visits"]``
-      lists the original indices kept (the reference is never dropped). For a pair, ``"drop"``
+      lists the original indices kept (the reference is never dropped) and
+      ``meta["dropped_visits"]`` maps each dropped index to its reasons. For a pair, ``"drop"``
       raises, as there is nothing left to return.
 
     A visit whose engine failed (``Register(on_error="identity")``) always fails.
@@ -295,6 +296,7 @@ class RegistrationQuality(Transform):
             keep = [t for t in range(len(verdicts)) if t not in failing]
             out = _select_visits(out, keep)
             out.meta["kept_visits"] = keep
+            out.meta["dropped_visits"] = {t: verdicts[t]["reasons"] for t in failing}
         return out
 
     def _act(self, what: str, reasons: Sequence[str], droppable: bool) -> None:
