@@ -159,14 +159,21 @@ def event_columns(events: Any, where: str = "events") -> dict[str, Any]:
         "time": time,
         "code": code,
         "numeric_value": value,
-        "text_value": text if text is not None else pd.Series([None] * n, dtype=object),
-        "unit": unit if unit is not None else pd.Series([None] * n, dtype=object),
+        "text_value": text,
+        "unit": unit,
         "subject_id": series("subject_id", False),
     }
     for name in ("numeric_value", "text_value", "unit"):
-        if len(out[name]) != n:
+        if out[name] is not None and len(out[name]) != n:
             raise ValueError(f"{where}: column {name!r} has {len(out[name])} rows, 'time' has {n}.")
     return out
+
+
+def filled_columns(cols: dict[str, Any]) -> dict[str, Any]:
+    """``cols`` with absent ``text_value`` / ``unit`` as all-missing object Series (for the slow paths)."""
+    n = len(cols["time"])
+    return {k: (pd.Series([None] * n, dtype=object) if v is None and k in ("text_value", "unit") else v)
+            for k, v in cols.items()}  # fmt: skip
 
 
 def numeric_values(cols: Mapping[str, Any], where: str = "events") -> np.ndarray:
@@ -247,7 +254,8 @@ def encode_events(events: Any, vocab: EHRVocabulary, where: str = "events", chec
     """
     cols = event_columns(events, where)
     values = numeric_values(cols, where)
-    if (check_units and cols["unit"].notna().any()) or vocab.unit_conversions:
+    has_units = cols["unit"] is not None and cols["unit"].notna().any()
+    if (check_units and has_units) or (vocab.unit_conversions and cols["unit"] is not None):
         values, _ = vocab.convert_units(
             cols["code"].to_numpy(dtype=object),
             values,
@@ -256,17 +264,22 @@ def encode_events(events: Any, vocab: EHRVocabulary, where: str = "events", chec
             check=check_units,
         )
     index = vocab.index(cols["code"])
-    if vocab.settings["text_codes"]:
+    if vocab.settings["text_codes"] and cols["text_value"] is not None:
         # only text-only rows take the "<code>//<text>" form; re-index just those
         sel = np.isnan(values) & cols["text_value"].notna().to_numpy(dtype=bool)
         if sel.any():
             index = index.copy()
             index[sel] = vocab.index(token_codes(cols["code"][sel], values[sel], cols["text_value"][sel], True))
-    sign = vocab.exposure_sign[index]
-    negative = (sign != 0) & (values < 0)
+    # exposure events are few: build the signed-rate column from their rows only
+    exposure_rows = np.flatnonzero(vocab.exposure_sign[index])
+    doses = values[exposure_rows]
+    negative = doses < 0
     if negative.any():
-        raise ValueError(_rows_message("negative dose(s) in column 'numeric_value'", cols, negative, where))
-    rate = np.where(sign != 0, np.nan_to_num(values, nan=0.0) * sign, 0.0)
+        rows = np.zeros(values.size, dtype=bool)
+        rows[exposure_rows[negative]] = True
+        raise ValueError(_rows_message("negative dose(s) in column 'numeric_value'", cols, rows, where))
+    rate = np.zeros(values.size)
+    rate[exposure_rows] = np.nan_to_num(doses, nan=0.0) * vocab.exposure_sign[index[exposure_rows]]
     return EncodedEvents(time=cols["time"], index=index, value=vocab.normalise(index, values), rate=rate)
 
 
@@ -336,7 +349,7 @@ def interval_features(
         reducers, exposure, time_since, carry_forward, decay, fill_value: see the module docstring.
 
     Returns:
-        ``features`` (J, F) float32 and ``mask`` (J, F) float32, J = sum over groups of
+        ``features`` (J, F) float32 and ``mask`` (J, F) bool, J = sum over groups of
         (bounds - 1): the intervals in (group, time) order; F as in :func:`interval_feature_names`.
 
     Raises:
@@ -346,8 +359,10 @@ def interval_features(
     reducers = _check_reducers(reducers)
     if decay is not None and not decay > 0:
         raise ValueError(f"decay must be a positive number of days or None, got {decay}.")
-    group = np.asarray(group, dtype=np.int64)
+    group = np.asarray(group)
     time = np.asarray(time, dtype=np.float64)
+    column = np.asarray(column)
+    value = np.asarray(value, dtype=np.float64)
     bounds = np.asarray(bounds, dtype=np.float64)
     offsets = np.asarray(bounds_offsets, dtype=np.int64)
     n_groups = offsets.size - 1
@@ -356,175 +371,221 @@ def interval_features(
         bad = np.flatnonzero(n_bounds < 2)
         raise ValueError(f"every group needs at least two visit times (one interval); group(s) {bad[:10].tolist()}.")
     bound_group = np.repeat(np.arange(n_groups), n_bounds)
-    steps = np.diff(bounds)
     same = bound_group[1:] == bound_group[:-1]
-    if not (np.isfinite(bounds).all() and (steps[same] > 0).all()):
-        bad = np.unique(bound_group[1:][same & ~(steps > 0)]) if np.isfinite(bounds).all() else np.array([-1])
+    if not np.isfinite(bounds).all():
+        raise ValueError("visit times must be finite days.")
+    if not (np.diff(bounds)[same] > 0).all():
+        bad = np.unique(bound_group[1:][same & ~(np.diff(bounds) > 0)])
         raise ValueError(
-            f"visit times must be finite and strictly increasing within a subject (history then target); "
-            f"group(s) {bad[:10].tolist()} are not."
+            f"visit times must be strictly increasing within a subject (history then target); group(s) "
+            f"{bad[:10].tolist()} are not."
         )
-    if not np.isfinite(time).all():
+    n = time.size
+    if n and not np.isfinite(time).all():
         raise ValueError("event times must be finite here; drop static rows (NaN time) before.")
 
     # sort once by (group, time) unless the input already is (a manifest's events are)
-    n = time.size
     if n and not ((group[1:] > group[:-1]) | ((group[1:] == group[:-1]) & (time[1:] >= time[:-1]))).all():
         order = np.lexsort((time, group))
-        group, time = group[order], time[order]
-        column, value = np.asarray(column)[order], np.asarray(value)[order]
+        group, time, column, value = group[order], time[order], column[order], value[order]
         exposure_column, rate = np.asarray(exposure_column)[order], np.asarray(rate)[order]
-    column = np.asarray(column, dtype=np.int64)
-    value = np.asarray(value, dtype=np.float64)
+        del order
 
-    # position of each visit among its group's events: vectorised binary search, log2(max events) passes
-    starts = _segment_starts(group, n_groups)
-    lo, hi = starts[bound_group].copy(), starts[bound_group + 1].copy()
+    n_intervals = int(offsets[-1] - n_groups)
+    cells = n_intervals * n_codes
+    # index arrays stay np.intp: numpy converts narrower index arrays on every gather, which costs
+    # more than the memory they save
+    itype = np.intp
+    # where each visit falls among its group's events: a vectorised binary search, log2(max events) passes
+    starts = np.searchsorted(group, np.arange(n_groups + 1), side="left")
+    lo, hi = starts[bound_group], starts[bound_group + 1]
     while True:
         active = lo < hi
         if not active.any():
             break
         mid = (lo + hi) // 2
-        probe = np.minimum(mid, max(n - 1, 0))
-        right = active & (time[probe] < bounds) if n else active & False
+        right = active & (time[np.minimum(mid, max(n - 1, 0))] < bounds) if n else active & False
         lo = np.where(right, mid + 1, lo)
         hi = np.where(active & ~right, mid, hi)
-    # events at index >= lo[b] are at/after visit b; a cumulative count gives each event its visit
-    visit_of_event = np.cumsum(np.bincount(lo, minlength=n + 1)[:n]) - 1
-    first_bound = offsets[group] if n else np.zeros(0, np.int64)
-    inside = (visit_of_event >= first_bound) & (visit_of_event < offsets[group + 1] - 1) if n else np.zeros(0, bool)
-    before = visit_of_event < first_bound if n else np.zeros(0, bool)
-    interval = visit_of_event - group  # interval numbering skips each group's last visit
+    # events from position lo[b] on are at/after visit b. Counting the interval-opening visits at
+    # or before each position numbers the intervals; +1/-1 at each group's first/last visit marks
+    # the events inside [first visit, last visit).
+    is_last = np.zeros(bounds.size, dtype=bool)
+    is_last[offsets[1:] - 1] = True
+    is_first = np.zeros(bounds.size, dtype=bool)
+    is_first[offsets[:-1]] = True
+    # small scatters (one entry per visit) into per-event counters, then one cumulative sum each
+    opening = np.zeros(n + 1, dtype=itype)
+    np.add.at(opening, lo[~is_last], 1)
+    interval = np.cumsum(opening[:n], dtype=itype)
+    interval -= 1
+    del opening
+    # int8 wraps around, but the net value at any position is -1, 0 or 1, so the sums stay exact
+    edge = np.zeros(n + 1, dtype=np.int8)
+    np.add.at(edge, lo[is_first], 1)
+    np.subtract.at(edge, lo[is_last], 1)
+    inside = np.cumsum(edge[:n], dtype=np.int8) > 0
+    del edge
 
-    n_intervals = int(offsets[-1] - n_groups)
     interval_group = np.repeat(np.arange(n_groups), n_bounds - 1)
-    keep_bound = np.ones(bounds.size, dtype=bool)
-    keep_bound[offsets[1:] - 1] = False
-    start_t = bounds[keep_bound]
-    keep_end = np.ones(bounds.size, dtype=bool)
-    keep_end[offsets[:-1]] = False
-    end_t = bounds[keep_end]
+    start_t, end_t = bounds[~is_last], bounds[~is_first]
     first_interval = (offsets[:-1] - np.arange(n_groups))[interval_group]
     rows = np.arange(n_intervals)
 
-    blocks: list[np.ndarray] = []
-    masks: list[np.ndarray] = []
-    cells = n_intervals * n_codes
-    sel = inside & (column >= 0)
-    seg = interval[sel] * n_codes + column[sel]
-    t_sel = time[sel]
-    count = np.bincount(seg, minlength=cells).reshape(n_intervals, n_codes)
-    has_value = np.isfinite(value[sel])
-    vseg, vval, vtime = seg[has_value], value[sel][has_value], t_sel[has_value]
-    nval = np.bincount(vseg, minlength=cells).reshape(n_intervals, n_codes)
-    measured = nval > 0
-    # time of the latest value, then the largest value among those at that time (row-order free)
-    tlast = np.full(cells, -np.inf)
-    np.maximum.at(tlast, vseg, vtime)
-    at_last = vtime == tlast[vseg]
-    vlast = np.full(cells, -np.inf)
-    np.maximum.at(vlast, vseg[at_last], vval[at_last])
-    tlast, vlast = tlast.reshape(n_intervals, n_codes), vlast.reshape(n_intervals, n_codes)
-    value_blocks: dict[str, np.ndarray] = {}
+    n_features = len(reducers) * n_codes + (n_exposure if exposure else 0) + (n_codes if time_since else 0)
+    features = np.empty((n_intervals, n_features), dtype=np.float32)
+    mask = np.empty((n_intervals, n_features), dtype=bool)
+
+    def block(k: int) -> slice:
+        return slice(k * n_codes, (k + 1) * n_codes)
+
+    # per-(interval, code) cell of every event; events outside every interval or without a
+    # feature column go to one extra "dump" cell that is dropped, so no per-event array is compressed
+    seg = interval  # reused in place: the interval numbers are not needed once the cells are known
+    seg *= n_codes
+    seg += column
+    seg[~(inside & (column >= 0))] = cells
+    del interval
+    # ufunc.at scatters beat bincount here (no range scan, no index conversion)
+    count = np.zeros(cells + 1, dtype=np.int64)
+    np.add.at(count, seg, 1)
+    count = count[:cells].reshape(n_intervals, n_codes)
+    seen = count > 0
+    if "count" in reducers:
+        k = reducers.index("count")
+        features[:, block(k)] = count
+        mask[:, block(k)] = seen
+    del count
+    last_seen = None
+    if time_since:
+        last_seen = np.full(cells + 1, -np.inf)
+        np.maximum.at(last_seen, seg, time)
+        last_seen = last_seen[:cells].reshape(n_intervals, n_codes)
+
+    value_reducers = [r for r in reducers if r != "count"]
+    # NaN values all land in the dump cell; comparisons with them there are expected and dropped
     with np.errstate(invalid="ignore", divide="ignore"):
-        for name in reducers:
-            if name == "last":
-                value_blocks[name] = vlast
-            elif name == "mean":
-                value_blocks[name] = (
-                    np.bincount(vseg, weights=vval, minlength=cells).reshape(n_intervals, n_codes) / nval
-                )
-            elif name == "min":
-                low = np.full(cells, np.inf)
-                np.minimum.at(low, vseg, vval)
-                value_blocks[name] = low.reshape(n_intervals, n_codes)
-            elif name == "max":
-                high = np.full(cells, -np.inf)
-                np.maximum.at(high, vseg, vval)
-                value_blocks[name] = high.reshape(n_intervals, n_codes)
+        if value_reducers:
+            seg[np.isnan(value)] = cells
+            nval = np.zeros(cells + 1, dtype=np.int64)
+            np.add.at(nval, seg, 1)
+            nval = nval[:cells].reshape(n_intervals, n_codes)
+            measured = nval > 0
+            unmeasured = ~measured
+            # time of the latest value, then the largest value among those at that time (row-order free)
+            tlast = np.full(cells + 1, -np.inf)
+            np.maximum.at(tlast, seg, time)
+            # float32 values: the features are float32 anyway, and the scatters move half the bytes
+            value32 = value.astype(np.float32)
+            buffer = np.empty(cells + 1, dtype=np.float32)  # one scratch table reused by every reducer
+            keep: dict[str, np.ndarray] = {}
+            for name in value_reducers:
+                k = reducers.index(name)
+                if name == "last":
+                    at_last = seg.copy()
+                    at_last[time != np.take(tlast, seg)] = cells
+                    buffer.fill(-np.inf)
+                    np.maximum.at(buffer, at_last, value32)
+                    del at_last
+                    result = buffer[:cells]
+                elif name == "mean":
+                    # NaN values sit in the dump cell, so they never reach a real cell's sum
+                    total = np.zeros(cells + 1)
+                    np.add.at(total, seg, value)
+                    result = total[:cells] / nval.ravel()
+                elif name == "min":
+                    buffer.fill(np.inf)
+                    np.minimum.at(buffer, seg, value32)
+                    result = buffer[:cells]
+                else:
+                    buffer.fill(-np.inf)
+                    np.maximum.at(buffer, seg, value32)
+                    result = buffer[:cells]
+                view = features[:, block(k)]
+                np.copyto(view, result.reshape(n_intervals, n_codes), casting="same_kind")
+                np.copyto(view, fill_value, where=unmeasured)
+                mask[:, block(k)] = measured
+                if carry_forward:
+                    keep[name] = view
+            del nval, buffer, value32
+            if carry_forward and n_intervals:
+                tlast = tlast[:cells].reshape(n_intervals, n_codes)
+                # the most recent earlier interval of the same group that has a value, per code
+                source = np.maximum.accumulate(np.where(measured, rows[:, None], -1), axis=0)
+                usable = (source >= first_interval[:, None]) & unmeasured
+                source = np.where(usable, source, 0)
+                weight = 1.0
+                if decay is not None:
+                    age = end_t[:, None] - np.take_along_axis(tlast, source, axis=0)
+                    weight = np.exp(-np.where(usable, age, 0.0) / decay)
+                for view in keep.values():
+                    carried = np.take_along_axis(view, source, axis=0) * weight
+                    np.copyto(view, carried, where=usable, casting="same_kind")
+            del tlast
+    del seg
 
-    if carry_forward and value_blocks and n_intervals:
-        source = np.where(measured, rows[:, None], -1)
-        source = np.maximum.accumulate(source, axis=0)
-        usable = (source >= first_interval[:, None]) & ~measured
-        src = np.where(usable, source, 0)
-        cols_idx = np.broadcast_to(np.arange(n_codes), src.shape)
-        weight = np.ones(src.shape)
-        if decay is not None:
-            age = end_t[:, None] - tlast[src, cols_idx]
-            weight = np.exp(-np.where(usable, age, 0.0) / decay)
-        for name, block in value_blocks.items():
-            value_blocks[name] = np.where(usable, block[src, cols_idx] * weight, np.where(measured, block, np.nan))
-    for name in reducers:
-        if name == "count":
-            blocks.append(count.astype(np.float64))
-            masks.append(count > 0)
-        else:
-            blocks.append(value_blocks[name])
-            masks.append(measured)
-
+    k = len(reducers) * n_codes
     if exposure and n_exposure:
-        blocks_x, mask_x = _exposure(
-            group, time, interval, inside, before, np.asarray(exposure_column, dtype=np.int64),
-            np.asarray(rate, dtype=np.float64), n_groups, n_intervals, n_exposure, interval_group,
-            first_interval, start_t, end_t,
+        x_features, x_mask = _exposure(
+            group, time, lo, is_first, is_last, inside, np.asarray(exposure_column), np.asarray(rate, dtype=np.float64),
+            n_intervals, n_exposure, interval_group, first_interval, start_t, end_t, starts,
         )  # fmt: skip
-        blocks.append(blocks_x)
-        masks.append(mask_x)
+        features[:, k : k + n_exposure] = x_features
+        mask[:, k : k + n_exposure] = x_mask
+        k += n_exposure
 
     if time_since:
-        tany = np.full(cells, -np.inf)
-        np.maximum.at(tany, seg, t_sel)
-        tany = tany.reshape(n_intervals, n_codes)
-        seen = count > 0
-        source = np.maximum.accumulate(np.where(seen, rows[:, None], -1), axis=0) if n_intervals else seen.astype(int)
+        # row of the latest interval (same group) where each code was seen, as flat indices into last_seen
+        source = np.where(seen, rows[:, None], -1)
+        np.maximum.accumulate(source, axis=0, out=source)
         known = source >= first_interval[:, None]
-        src = np.where(known, source, 0)
-        last_seen = tany[src, np.broadcast_to(np.arange(n_codes), src.shape)]
-        blocks.append(np.where(known, end_t[:, None] - last_seen, -1.0))
-        masks.append(known)
-
-    if not blocks:
-        return np.zeros((n_intervals, 0), np.float32), np.zeros((n_intervals, 0), np.float32)
-    features = np.concatenate(blocks, axis=1)
-    mask = np.concatenate(masks, axis=1)
-    # undefined cells (no measurement, no carried value) take the fill value
-    undefined = ~np.isfinite(features)
-    features[undefined] = fill_value
-    return features.astype(np.float32), mask.astype(np.float32)
+        np.maximum(source, 0, out=source)
+        source *= n_codes
+        source += np.arange(n_codes)
+        view = features[:, k : k + n_codes]
+        np.subtract(end_t[:, None], np.take(last_seen.ravel(), source), out=view, casting="same_kind")
+        np.copyto(view, -1.0, where=~known)
+        mask[:, k : k + n_codes] = known
+    return features, mask
 
 
 def _exposure(
-    group, time, interval, inside, before, xcol, rate, n_groups, n_intervals, n_exposure, interval_group,
-    first_interval, start_t, end_t,
+    group, time, lo, is_first, is_last, inside, xcol, rate, n_intervals, n_exposure, interval_group, first_interval,
+    start_t, end_t, starts,
 ):  # fmt: skip
     """Dose x overlapping days per (interval, exposure code); see the module docstring."""
-    sel = (xcol >= 0) & (rate != 0)
-    idx = np.flatnonzero(sel)
     exposure = np.zeros((n_intervals, n_exposure))
     active = np.zeros((n_intervals, n_exposure), dtype=bool)
+    idx = np.flatnonzero((xcol >= 0) & (rate != 0))
     if idx.size == 0:
         return exposure, active
-    g, t, x, r = group[idx], time[idx], xcol[idx], rate[idx]
-    # running daily rate per (group, drug); at equal times starts go before stops, so a renewal
-    # (stop and restart at one instant) never dips below zero
-    order = np.lexsort((-r, t, x, g))
-    g_s, x_s, r_s = g[order], x[order], r[order]
+    g, t, x, r = group[idx], time[idx], xcol[idx].astype(np.int64), rate[idx]
+    # running daily rate per (group, drug). The subset is already in (group, time) order, so a
+    # stable sort on (group, drug) keeps time order; the rate is checked only after the last event
+    # of each (group, drug, time) tie, so a renewal (stop and restart at one instant) is not a dip
+    order = np.argsort(g * n_exposure + x, kind="stable")
+    g_s, x_s, t_s, r_s = g[order], x[order], t[order], r[order]
     new = np.r_[True, (g_s[1:] != g_s[:-1]) | (x_s[1:] != x_s[:-1])]
+    tie_end = np.r_[new[1:] | (t_s[1:] != t_s[:-1]), True]
     csum = np.cumsum(r_s)
     base = (csum - r_s)[new]
-    running = csum - np.repeat(base, np.diff(np.r_[np.flatnonzero(new), r_s.size]))
+    running = (csum - np.repeat(base, np.diff(np.r_[np.flatnonzero(new), r_s.size])))[tie_end]
     tol = 1e-9 * max(1.0, float(np.abs(r_s).max()))
     if (running < -tol).any():
-        bad = np.flatnonzero(running < -tol)[0]
+        bad = np.flatnonzero(tie_end)[np.flatnonzero(running < -tol)[0]]
         raise _ExposureError(int(g_s[bad]), int(x_s[bad]))
-    cells = n_intervals * n_exposure
+    # interval of each exposure event: count of the group's interval-opening visits at or before it
+    n_groups = starts.size - 1
+    first_lo = lo[is_first]  # per group
+    visit_lo = lo[~is_last]  # the interval-opening visits, in order
+    j = np.searchsorted(visit_lo, idx, side="right") - 1
     ins = inside[idx]
-    seg = interval[idx][ins] * n_exposure + x[ins]
-    contrib = np.bincount(seg, weights=r[ins] * (end_t[interval[idx][ins]] - t[ins]), minlength=cells)
+    seg = j[ins] * n_exposure + x[ins]
+    cells = n_intervals * n_exposure
+    contrib = np.bincount(seg, weights=r[ins] * (end_t[j[ins]] - t[ins]), minlength=cells)
     delta = np.bincount(seg, weights=r[ins], minlength=cells).reshape(n_intervals, n_exposure)
     events_in = np.bincount(seg, minlength=cells).reshape(n_intervals, n_exposure) > 0
-    pre = before[idx]
+    pre = idx < first_lo[g]
     prior = np.bincount(g[pre] * n_exposure + x[pre], weights=r[pre], minlength=n_groups * n_exposure)
     prior = prior.reshape(n_groups, n_exposure)
     # rate at each interval start: prior-window rate plus the deltas of the group's earlier intervals
@@ -759,7 +820,7 @@ def static_features(vocab: EHRVocabulary, static: Mapping[str, Any] | None, even
     """
     given: dict[str, Any] = {str(k): v for k, v in (static or {}).items()}
     if events is not None:
-        cols = event_columns(events, "events")
+        cols = filled_columns(event_columns(events, "events"))
         rows = np.flatnonzero(np.isnan(cols["time"]))
         if rows.size:
             values = numeric_values(cols, "events")

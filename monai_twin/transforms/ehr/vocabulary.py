@@ -145,7 +145,8 @@ class EHRVocabulary:
                 self.exposure_sign[i], base_of[i] = -1, code[: -len(stop)]
         self.exposure_codes = sorted({b for i, b in base_of.items() if self.exposure_sign[i] == 1})
         exposure_pos = {b: k for k, b in enumerate(self.exposure_codes)}
-        self.exposure_column = np.full(n, -1, dtype=np.int64)
+        # int32 look-up tables keep the per-event arrays gathered from them at 4 bytes a row
+        self.exposure_column = np.full(n, -1, dtype=np.int32)
         for i, b in base_of.items():
             if b in exposure_pos:
                 self.exposure_column[i] = exposure_pos[b]
@@ -153,7 +154,7 @@ class EHRVocabulary:
         feature_codes = sorted({base_of.get(i, code) for code, i in self._index.items() if self.exposure_sign[i] >= 0})
         self.feature_codes = feature_codes
         feature_pos = {c: k for k, c in enumerate(feature_codes)}
-        self.feature_column = np.full(n, -1, dtype=np.int64)
+        self.feature_column = np.full(n, -1, dtype=np.int32)
         for code, i in self._index.items():
             if self.exposure_sign[i] >= 0:
                 self.feature_column[i] = feature_pos[base_of.get(i, code)]
@@ -180,7 +181,8 @@ class EHRVocabulary:
         """Token index of each code (``OOV_INDEX`` for unknown codes); vectorised through a hash factorisation."""
         series = codes if isinstance(codes, pd.Series) else pd.Series(np.asarray(codes, dtype=object))
         labels, uniques = pd.factorize(series, use_na_sentinel=True)
-        lookup = np.array([self._index.get(str(u), OOV_INDEX) for u in uniques], dtype=np.int64)
+        # np.intp: the result indexes the look-up tables, and numpy converts narrower index arrays per gather
+        lookup = np.array([self._index.get(str(u), OOV_INDEX) for u in uniques], dtype=np.intp)
         lookup = np.append(lookup, OOV_INDEX)  # the NA sentinel -1 lands on OOV
         return lookup[labels]
 
@@ -228,7 +230,7 @@ class EHRVocabulary:
             ValueError: mixed units for a code, non-numeric strings or infinite values in
                 ``numeric_value``, negative doses, bad arguments -- naming the code.
         """
-        from .functional import event_columns, numeric_values, token_codes
+        from .functional import event_columns, filled_columns, numeric_values, token_codes
 
         if min_count < 1:
             raise ValueError(f"min_count must be >= 1, got {min_count}.")
@@ -244,7 +246,7 @@ class EHRVocabulary:
             events = events[keep]
             if static is not None:
                 static = static[static["subject_id"].astype("string").isin([str(s) for s in subjects]).to_numpy(bool)]
-        cols = event_columns(events, where="events")
+        cols = filled_columns(event_columns(events, where="events"))
         settings = {
             "min_count": int(min_count),
             "start_suffix": start_suffix,
@@ -356,9 +358,16 @@ class EHRVocabulary:
     def normalise(self, index: np.ndarray, values: np.ndarray) -> np.ndarray:
         """``(clip(v, low, high) - centre) / scale`` per event's code; NaN stays NaN, codes without
         numeric statistics keep their raw value."""
-        index = np.asarray(index, dtype=np.int64)
-        clipped = np.clip(values, self.low[index], self.high[index])
-        return (clipped - self.centre[index]) / self.scale[index]
+        index = np.asarray(index)
+        # one gather buffer reused for the four look-ups keeps the peak at two per-event arrays
+        out = np.maximum(values, np.take(self.low, index))  # NaN propagates
+        buffer = np.take(self.high, index)
+        np.minimum(out, buffer, out=out)
+        np.take(self.centre, index, out=buffer)
+        out -= buffer
+        np.take(self.scale, index, out=buffer)
+        out /= buffer
+        return out
 
     def _describe_rows(self, what: str, cols: Mapping[str, np.ndarray], rows: np.ndarray) -> str:
         where = np.flatnonzero(rows)

@@ -1,0 +1,26 @@
+"""Visit-sequence transforms: load a history of scans as ``(T, C, *spatial)`` and pad per-visit keys."""
+
+from __future__ import annotations
+
+from .array import LoadSequence, PadSequence
+from .dictionary import (
+    DEFAULT_SEQUENCE_KEYS,
+    LoadSequenceD,
+    LoadSequenced,
+    LoadSequenceDict,
+    PadSequenceD,
+    PadSequenced,
+    PadSequenceDict,
+)
+
+__all__ = [
+    "DEFAULT_SEQUENCE_KEYS",
+    "LoadSequence",
+    "LoadSequenceD",
+    "LoadSequenceDict",
+    "LoadSequenced",
+    "PadSequence",
+    "PadSequenceD",
+    "PadSequenceDict",
+    "PadSequenced",
+]
