@@ -17,18 +17,20 @@ __all__ = [
     "apps",
     "config",
     "data",
+    "engines",
     "get_config_values",
     "networks",
     "print_config",
+    "transforms",
     "utils",
     "visualize",
 ]
 
-_SUBMODULES = {"apps", "config", "data", "networks", "utils", "visualize"}
+_SUBMODULES = {"apps", "config", "data", "engines", "networks", "transforms", "utils", "visualize"}
 _CONFIG_FUNCTIONS = {"print_config", "get_config_values"}
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import apps, config, data, networks, utils, visualize
+    from . import apps, config, data, engines, networks, transforms, utils, visualize
     from .config import get_config_values, print_config
 
 

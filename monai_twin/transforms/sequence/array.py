@@ -107,7 +107,9 @@ class PadSequence(Transform):
         t = arr.shape[0]
         if t >= self.length:
             if isinstance(arr, MetaTensor):
-                return MetaTensor(arr.as_tensor()[t - self.length :], meta=self._pad_meta(arr.meta, t), affine=arr.affine)
+                return MetaTensor(
+                    arr.as_tensor()[t - self.length :], meta=self._pad_meta(arr.meta, t), affine=arr.affine
+                )
             return arr[t - self.length :]
         fill = torch.full((self.length - t, *arr.shape[1:]), self.value, dtype=arr.dtype, device=arr.device)
         parts = [arr, fill] if self.side == "right" else [fill, arr]

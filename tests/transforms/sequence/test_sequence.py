@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from parameterized import parameterized
+
+from monai_twin.data import build_longitudinal_items, load_manifest
+from monai_twin.transforms.sequence import LoadSequence, LoadSequenced, PadSequence, PadSequenced
+from tests.conftest import write_nifti
+
+
+@pytest.fixture
+def three_visits(tmp_path):
+    paths = []
+    for k in range(3):
+        affine_scale = 1.0 + 0.5 * k
+        import nibabel as nib
+
+        p = tmp_path / f"v{k}.nii.gz"
+        nib.save(nib.Nifti1Image(np.full((6, 5, 4), float(k), np.float32), np.diag([affine_scale, 1, 1, 1])), str(p))
+        paths.append(str(p))
+    return paths
+
+
+class TestLoadSequence:
+    def test_stack_and_meta(self, three_visits):
+        seq = LoadSequence()(three_visits)
+        assert tuple(seq.shape) == (3, 1, 6, 5, 4)
+        np.testing.assert_array_equal(seq[:, 0, 0, 0, 0].numpy(), [0.0, 1.0, 2.0])
+        assert seq.meta["sequence_filenames"] == three_visits
+        assert seq.meta["sequence_affines"].shape == (3, 4, 4)
+        assert float(seq.affine[0, 0]) == 2.0  # the last visit's frame
+        assert float(seq.meta["sequence_affines"][0, 0, 0]) == 1.0
+
+    def test_shape_mismatch_names_files(self, three_visits, tmp_path):
+        other = write_nifti(tmp_path / "odd.nii.gz", np.zeros((7, 5, 4)))
+        with pytest.raises(ValueError, match="odd.nii.gz: \\(1, 7, 5, 4\\)"):
+            LoadSequence()([*three_visits, str(other)])
+
+    @parameterized.expand([("a.nii",), ([],)])
+    def test_bad_input(self, value):
+        with pytest.raises((TypeError, ValueError)):
+            LoadSequence()(value)
+
+
+class TestPadSequence:
+    @parameterized.expand(
+        [
+            ("right", [300.0, 120.0], [300.0, 120.0, 0.0, 0.0]),
+            ("left", [300.0, 120.0], [0.0, 0.0, 300.0, 120.0]),
+            ("right", [5.0, 4, 3, 2, 1, 0.5], [3.0, 2.0, 1.0, 0.5]),  # keeps the most recent visits
+        ]
+    )
+    def test_pad_and_trim(self, side, values, expected):
+        for data in (np.array(values), torch.tensor(values)):
+            np.testing.assert_allclose(PadSequence(4, side=side)(data).numpy(), expected)
+
+    def test_meta_follows_slots(self, three_visits):
+        seq = PadSequence(5)(LoadSequence()(three_visits))
+        assert seq.shape[0] == 5 and seq.meta["sequence_filenames"][3:] == ["", ""]
+        assert seq.meta["sequence_affines"].shape == (5, 4, 4)
+        trimmed = PadSequence(2)(LoadSequence()(three_visits))
+        assert trimmed.meta["sequence_filenames"] == three_visits[1:]
+        np.testing.assert_array_equal(trimmed[:, 0, 0, 0, 0].numpy(), [1.0, 2.0])
+
+    def test_bad_arguments(self):
+        with pytest.raises(ValueError, match="length"):
+            PadSequence(0)
+        with pytest.raises(ValueError, match="side"):
+            PadSequence(2, side="middle")
+
+
+class TestPadSequenced:
+    def test_sample_from_dataset(self, nifti_cohort):
+        m = load_manifest(nifti_cohort)
+        item = build_longitudinal_items(m, max_history=3)[1]  # two prior visits
+        out = PadSequenced(4)(LoadSequenced()(item))
+        assert tuple(out["history"].shape[:2]) == (4, 1)
+        np.testing.assert_array_equal(out["history_mask"].numpy(), [1, 1, 0, 0])
+        np.testing.assert_allclose(out["times"].numpy()[:2], item["times"])
+        assert out["times"].shape == (4,) and out["history_times"].shape == (4,)
+        assert item["history_mask"].shape == (2,)  # the input sample is not modified
+
+    def test_mismatched_t(self):
+        with pytest.raises(ValueError, match="key 'ehr_intervals' has 3 visits but 'times' has 2"):
+            PadSequenced(4)({"times": np.zeros(2), "ehr_intervals": np.zeros((3, 5))})
+        with pytest.raises(KeyError, match="none of the keys"):
+            PadSequenced(4)({"other": 1})
