@@ -479,20 +479,21 @@ def interval_features(
             value32 = value.astype(np.float32)
             buffer = np.empty(cells + 1, dtype=np.float32)  # one scratch table reused by every reducer
             keep: dict[str, np.ndarray] = {}
-            for name in value_reducers:
+            # "last" goes last: it overwrites the cell index of every value not at its cell's
+            # latest time, which the other reducers still need
+            for name in sorted(value_reducers, key=lambda r: r == "last"):
                 k = reducers.index(name)
                 if name == "last":
-                    at_last = seg.copy()
-                    at_last[time != np.take(tlast, seg)] = cells
+                    seg[time != np.take(tlast, seg)] = cells
                     buffer.fill(-np.inf)
-                    np.maximum.at(buffer, at_last, value32)
-                    del at_last
+                    np.maximum.at(buffer, seg, value32)
                     result = buffer[:cells]
                 elif name == "mean":
                     # NaN values sit in the dump cell, so they never reach a real cell's sum
                     total = np.zeros(cells + 1)
                     np.add.at(total, seg, value)
                     result = total[:cells] / nval.ravel()
+                    del total
                 elif name == "min":
                     buffer.fill(np.inf)
                     np.minimum.at(buffer, seg, value32)
@@ -658,12 +659,12 @@ def _subject_codes(visit_subjects: pd.Series, event_subjects: pd.Series) -> tupl
         # run-length path for a table grouped by subject: hash one value per run, not per row
         change = np.flatnonzero(values[1:] != values[:-1]) + 1
         run_starts = np.r_[0, change]
-        run_codes = uniques.get_indexer(values[run_starts])
+        run_codes = uniques.get_indexer(values[run_starts]).astype(np.int32)  # group ids: 4 bytes a row
         e = np.repeat(run_codes, np.diff(np.r_[run_starts, values.size]))
     else:
         # hash the column once (fast for pyarrow strings too), then look up only the distinct ids
         labels, distinct = pd.factorize(event_subjects, use_na_sentinel=True)
-        e = np.append(uniques.get_indexer(distinct), -1)[labels]
+        e = np.append(uniques.get_indexer(distinct), -1).astype(np.int32)[labels]
     return np.asarray(uniques, dtype=object), v, e
 
 
@@ -716,14 +717,17 @@ def interval_feature_table(
         keep = np.flatnonzero(usable)
         e_code = e_code[keep]
         enc = EncodedEvents(enc.time[keep], enc.index[keep], enc.value[keep], enc.rate[keep])
+    column, exposure_column = vocab.feature_column[enc.index], vocab.exposure_column[enc.index]
+    time, value, rate = enc.time, enc.value, enc.rate
+    del enc  # the token indices are not needed any more: free them before the kernel's peak
     try:
         features, mask = interval_features(
             e_code,
-            enc.time,
-            vocab.feature_column[enc.index],
-            enc.value,
-            vocab.exposure_column[enc.index],
-            enc.rate,
+            time,
+            column,
+            value,
+            exposure_column,
+            rate,
             v_time_s,
             offsets,
             len(vocab.feature_codes),
