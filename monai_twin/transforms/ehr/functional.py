@@ -492,8 +492,8 @@ def interval_features(
                     # NaN values sit in the dump cell, so they never reach a real cell's sum
                     total = np.zeros(cells + 1)
                     np.add.at(total, seg, value)
-                    result = total[:cells] / nval.ravel()
-                    del total
+                    result = total[:cells]
+                    result /= nval.ravel()  # in place: no second table
                 elif name == "min":
                     buffer.fill(np.inf)
                     np.minimum.at(buffer, seg, value32)
