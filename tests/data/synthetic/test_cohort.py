@@ -180,3 +180,13 @@ def test_resimulate_accepts_dates_and_forecast_days():
         resimulate(subject, events.drop(columns="numeric_value"))
     with pytest.raises(TypeError, match="edited_events"):
         resimulate(subject, {"time": [0]})
+
+
+def test_save_aligned_writes_the_noise_free_renders(tmp_path):
+    config = CONFIGS["mammo2d"]
+    folder = write_cohort("mammo2d", tmp_path / "aligned", 1, seed=8, config=config, save_aligned=True)
+    truth = pd.read_parquet(folder / "truth.parquet")
+    visits = resimulate(load_subject(folder, "P0000"))
+    for k, rel in enumerate(truth["aligned"]):
+        saved = np.asarray(nib.load(str(folder / rel)).get_fdata(dtype=np.float32))
+        assert np.abs(saved - visits.aligned[k]).max() <= 0.5 / 4000 + 1e-6

@@ -110,3 +110,19 @@ def test_dose_schedule_validation():
         DoseSchedule(np.array([1.0, 2.0]), np.array([5.0]))
     with pytest.raises(ValueError, match="factor"):
         DoseSchedule(np.array([1.0]), np.array([5.0])).scaled(-1.0)
+
+
+def test_mri_atrophy_shrinks_grey_matter_and_widens_csf():
+    from monai_twin.data.synthetic.mri_roi3d import MRIROI3DConfig, mri_roi3d_render
+
+    subject = simulate_subject("mri_roi3d", 1, seed=0, config=MRIROI3DConfig(size=32, spacing_mm=2.0))
+    volumes = []
+    for atrophy in (0.0, 1.0, 2.0):
+        _, labels, vol = mri_roi3d_render(subject, pd.Series({"atrophy_mm": atrophy}))
+        assert set(np.unique(labels).tolist()) == {0, 1, 2, 3}
+        volumes.append(vol)
+    gm = [v["gm_volume_mm3"] for v in volumes]
+    csf = [v["csf_volume_mm3"] for v in volumes]
+    assert gm[0] > gm[1] > gm[2] and csf[0] < csf[1] < csf[2]
+    # about 2 mm of boundary retreat removes a few percent of the ROI's grey matter, not all of it
+    assert 0.005 < 1.0 - gm[2] / gm[0] < 0.2
