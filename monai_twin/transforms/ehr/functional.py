@@ -36,7 +36,7 @@ since nothing was measured.
 No Python loop runs per event or per subject: events are sorted once by (subject, time) -- a
 table already in that order, as :func:`~monai_twin.data.load_manifest` returns it, is detected in
 O(N) and not re-sorted -- visits are located with a vectorised binary search, and the per
-(interval, code) reductions are ``bincount`` / ``ufunc.at`` scatters.
+(interval, code) reductions are ``ufunc.at`` scatters into dense tables.
 """
 
 from __future__ import annotations
@@ -69,7 +69,6 @@ __all__ = [
 
 #: Reducers available per (interval, code).
 REDUCERS = ("last", "mean", "min", "max", "count")
-_VALUE_REDUCERS = ("last", "mean", "min", "max")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,7 +403,8 @@ def interval_features(
         if not active.any():
             break
         mid = (lo + hi) // 2
-        right = active & (time[np.minimum(mid, max(n - 1, 0))] < bounds) if n else active & False
+        # a group with an active search has events, so n >= 1 here
+        right = active & (time[np.minimum(mid, n - 1)] < bounds)
         lo = np.where(right, mid + 1, lo)
         hi = np.where(active & ~right, mid, hi)
     # events from position lo[b] on are at/after visit b. Counting the interval-opening visits at
@@ -629,7 +629,7 @@ class IntervalFeatureTable:
 
     Attributes:
         subject_id: (J,) object; visit_index: (J,) int64; start, end: (J,) float64 days.
-        features, mask: (J, F) float32.
+        features: (J, F) float32; mask: (J, F) bool (the transforms hand out float masks).
         feature_names: the F column names.
     """
 

@@ -125,3 +125,14 @@ def test_property_tokens_ignore_row_order(vocab, rows, seed, n):
     for x, y in zip(a[:4], b[:4]):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
     assert a[4] == b[4] == max(0, len(rows) - n)
+
+
+def test_numpy_and_torch_inputs_agree(vocab):
+    ev = subject_events(toy_events(), "a")
+    t = EHRToEventTokens(vocab, max_tokens=6)
+    a = t(ev, np.array([0.0, 2.0]), 5.5)
+    ev_torch = dict(ev, time=torch.tensor(ev["time"]), numeric_value=torch.tensor(ev["numeric_value"]))
+    b = t(ev_torch, torch.tensor([0.0, 2.0], dtype=torch.float64), torch.tensor(5.5))
+    for x, y in zip(a[:4], b[:4]):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert a[4] == b[4] == 0

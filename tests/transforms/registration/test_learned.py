@@ -1,0 +1,111 @@
+"""VoxelMorph: training reduces the loss, the transform records like Register, weights round-trip."""
+
+from __future__ import annotations
+
+import unittest
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import numpy as np
+import torch
+
+from monai_twin.transforms.registration import registration_displacement, registration_record
+from monai_twin.transforms.registration.learned import (
+    RegisterVoxelMorph,
+    displacement_smoothness,
+    load_voxelmorph,
+    train_voxelmorph,
+)
+
+from .helpers import centred_affine, phantom
+
+SHAPE = (32, 32)
+AFFINE = centred_affine(SHAPE, (1.5, 1.5))
+
+
+SHIFT = np.array([1.2, -0.9])  # mm
+
+
+def _pairs(n=6, seed=0):
+    """Noisy copies of one pair whose moving image shows the anatomy shifted by SHIFT: a model that
+    learns it from seconds of training is checkable, unlike a general registration."""
+    fixed = phantom(SHAPE, AFFINE)
+    moving = phantom(SHAPE, AFFINE, lambda y: y - SHIFT.reshape(2, 1, 1))
+    rng = np.random.default_rng(seed)
+    # moving shows g(y - s): the true pull-back is +s mm, i.e. s / 1.5 voxels, everywhere
+    truth = np.broadcast_to((SHIFT / 1.5).reshape(2, 1, 1), (2, *SHAPE)).astype(np.float32)
+    noisy = [
+        (
+            moving[0].numpy() + 0.01 * rng.standard_normal(SHAPE).astype(np.float32),
+            fixed[0].numpy() + 0.01 * rng.standard_normal(SHAPE).astype(np.float32),
+            truth,
+        )
+        for _ in range(n)
+    ]
+    return noisy
+
+
+class TestVoxelMorph(unittest.TestCase):
+    def setUp(self):
+        # small convolutions: thread start-up costs more than it saves, and other jobs share the CPU
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def tearDown(self):
+        torch.set_num_threads(self._threads)
+
+    def test_smoothness_is_zero_for_a_constant_field(self):
+        self.assertEqual(float(displacement_smoothness(torch.ones(1, 2, 8, 8))), 0.0)
+        ramp = torch.arange(8.0).reshape(1, 1, 8, 1).expand(1, 2, 8, 8)
+        self.assertAlmostEqual(float(displacement_smoothness(ramp)), 0.5)  # 1 along one of two axes
+
+    def test_supervised_training_learns_the_shift_and_round_trips(self):
+        pairs = _pairs()
+        with TemporaryDirectory() as tmp:
+            path = Path(tmp) / "vxm.pt"
+            result = train_voxelmorph(
+                pairs,
+                2,
+                steps=80,
+                batch_size=3,
+                learning_rate=3e-3,
+                supervised=1.0,
+                nb_features=(8, 8, 8),
+                log_every=0,
+                out=path,
+            )
+            losses = result["losses"]
+            self.assertLess(np.mean(losses[-10:]), 0.5 * np.mean(losses[:10]))
+            model = load_voxelmorph(path)  # weights_only load of the saved dict
+            for a, b in zip(model.state_dict().values(), result["model"].state_dict().values()):
+                self.assertTrue(torch.equal(a, b))
+            self.assertLess(path.stat().st_size, 5e6)
+        reg = RegisterVoxelMorph(model)
+        moving = phantom(SHAPE, AFFINE, lambda y: y - SHIFT.reshape(2, 1, 1))
+        fixed = phantom(SHAPE, AFFINE)
+        out = reg(moving, fixed)
+        field = registration_displacement(out, space="world")[:, 8:-8, 8:-8].mean((1, 2)).numpy()
+        np.testing.assert_allclose(field, SHIFT, atol=0.3)
+        self.assertEqual(registration_record(out)["stages"], ["voxelmorph"])
+        back = reg.inverse(out)
+        self.assertEqual(back.shape, moving.shape)
+        self.assertEqual(len(back.applied_operations), 0)
+
+    def test_bad_input(self):
+        with self.assertRaisesRegex(ValueError, "at least one"):
+            train_voxelmorph([], 2)
+        with self.assertRaisesRegex(ValueError, "true field"):
+            train_voxelmorph([(np.zeros(SHAPE), np.zeros(SHAPE), None)], 2, supervised=1.0)
+        model = train_voxelmorph(_pairs(2), 2, steps=1, nb_features=(4, 4), log_every=0)["model"]
+        blank = phantom(SHAPE, AFFINE) * 0
+        with self.assertRaisesRegex(ValueError, "constant"):
+            RegisterVoxelMorph(model)(blank, phantom(SHAPE, AFFINE))
+        with TemporaryDirectory() as tmp:
+            bad = Path(tmp) / "bad.pt"
+            torch.save({"weights": torch.zeros(1)}, bad)
+            with self.assertRaisesRegex(ValueError, "not a monai_twin VoxelMorph checkpoint"):
+                load_voxelmorph(bad)
+
+
+if __name__ == "__main__":
+    unittest.main()
