@@ -1,0 +1,443 @@
+"""Registration accuracy and speed on pairs whose true displacement is known.
+
+Sections (each prints a Markdown table; medians over pairs, times are wall-clock medians):
+
+* ``mammo``: the synthetic mammography testbed (visit 1 registered to visit 0 of each subject;
+  both acquisitions are known, so the true pull-back field is ``(p + u0) + u1^-1(p + u0) - p``).
+  End-point error (px) and SSIM over breast tissue, NMI; targets EPE <= 1 px, SSIM >= 0.90.
+* ``mri``: the synthetic 3D MRI ROI testbed, rigid: rotation error (deg) and translation error
+  at the ROI centre (voxels); targets <= 1 deg and <= 0.5 voxel.
+* ``mni``: the real MNI152 T1 (nilearn, offline) as a 256^2 slice and a 128^3 volume under a known
+  affine + smooth deformation; grey-matter Dice before/after, time (the issue's anchors).
+* ``memory``: peak resident memory of each method on a 128^3 volume, one child process per method
+  (the parent's imports and data are measured separately and subtracted).
+
+Run::
+
+    python benchmarks/registration_accuracy.py --sections mammo mri mni memory --subjects 4
+    python benchmarks/registration_accuracy.py --sections mammo --figure benchmarks/results/registration_mammo.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from monai_twin.metrics import end_point_error, normalized_mutual_information, ssim
+from monai_twin.transforms.registration import Register, registration_displacement, registration_record
+
+LINEAR = ("rigid", "affine")
+MAMMO_METHODS: dict[str, dict] = {
+    "rigid": {"stages": ("rigid",)},
+    "rigid+affine": {"stages": LINEAR},
+    "+demons": {"stages": (*LINEAR, "demons")},
+    "+diffeomorphic_demons": {"stages": (*LINEAR, "diffeomorphic_demons")},
+    "+fast_symmetric_demons": {"stages": (*LINEAR, "fast_symmetric_demons")},
+    "+bspline": {"stages": (*LINEAR, "bspline")},
+}
+MRI_METHODS: dict[str, dict] = {
+    "rigid (correlation)": {"stages": ("rigid",), "metric": "correlation"},
+    "rigid (mattes MI)": {"stages": ("rigid",), "metric": "mattes"},
+}
+MEMORY_METHODS: dict[str, dict] = {
+    "rigid": {"stages": ("rigid",)},
+    "rigid+affine": {"stages": LINEAR},
+    "+fast_symmetric_demons": {"stages": (*LINEAR, "fast_symmetric_demons"), "levels": (4, 2, 1)},
+    "+bspline (auto sampling)": {"stages": (*LINEAR, "bspline")},
+    "+bspline (dense sampling)": {"stages": (*LINEAR, "bspline"), "sampling_percentage": 1.0},
+}
+
+
+def _median(values):
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    return statistics.median(values) if values else float("nan")
+
+
+def _timed(fn, runs: int, *args):
+    times, out = [], None
+    for _ in range(max(1, runs)):
+        start = time.perf_counter()
+        out = fn(*args)
+        times.append(time.perf_counter() - start)
+    return out, statistics.median(times)
+
+
+def _table(title: str, header: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = [f"\n### {title}\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# -- mammography 2D ------------------------------------------------------------------------------
+
+
+def mammo_pairs(n_subjects: int, seed: int):
+    from monai_twin.data.synthetic.acquisition import identity_grid, invert_displacement, warp
+    from monai_twin.data.synthetic.cohort import resimulate, simulate_subject
+
+    for i in range(n_subjects):
+        subject = simulate_subject("mammo2d", i, seed=seed)
+        visits = resimulate(subject)
+        u0 = subject.acquisitions[0].displacement()
+        u1 = subject.acquisitions[1].displacement()
+        v1 = invert_displacement(u1, iterations=30)
+        grid = identity_grid(u0.shape[1:])
+        p0 = grid + u0
+        truth = p0 + np.stack([warp(v1[a], p0) for a in range(2)]) - grid
+        sp = subject.config.spacing
+        affine = torch.diag(torch.tensor([sp, sp, 1.0, 1.0], dtype=torch.float64))
+        fixed = MetaTensor(torch.as_tensor(visits.images[0][None]), affine=affine)
+        moving = MetaTensor(torch.as_tensor(visits.images[1][None]), affine=affine)
+        # breast tissue of the fixed visit (air is ~0, tissue >= 0.18 before the gain)
+        tissue = visits.images[0] > 0.1
+        yield subject.subject_id, fixed, moving, truth, tissue
+
+
+def run_mammo(args, learned=None) -> tuple[str, dict]:
+    per_method: dict[str, list[dict]] = {name: [] for name in ["none", *MAMMO_METHODS]}
+    example = None
+    for sid, fixed, moving, truth, tissue in mammo_pairs(args.subjects, args.seed):
+        f = fixed[0].numpy()
+        per_method["none"].append(
+            {
+                "time": 0.0,
+                "epe": end_point_error(np.zeros_like(truth), truth, mask=tissue),
+                "ssim": ssim(moving[0].numpy(), f, data_range=1.0, mask=tissue),
+                "nmi": normalized_mutual_information(moving[0].numpy(), f, mask=tissue),
+            }
+        )
+        for name, kwargs in MAMMO_METHODS.items():
+            reg = Register(**kwargs)
+            out, seconds = _timed(reg, args.runs, moving, fixed)
+            field = registration_displacement(out, space="voxel").numpy()
+            r = out[0].numpy()
+            per_method[name].append(
+                {
+                    "time": seconds,
+                    "epe": end_point_error(field, truth, mask=tissue),
+                    "ssim": ssim(r, f, data_range=1.0, mask=tissue),
+                    "nmi": normalized_mutual_information(r, f, mask=tissue),
+                }
+            )
+            if example is None and name == "+fast_symmetric_demons":
+                example = (sid, fixed, moving, out, field, truth, tissue)
+        if learned is not None:
+            # the deformable step alone, classical vs learned, both after the same affine result
+            affine_out = Register(stages=LINEAR)(moving, fixed)
+            ssim_affine = ssim(affine_out[0].numpy(), f, data_range=1.0, mask=tissue)
+            steps = {
+                "step only: fast_symmetric_demons": Register(stages=("fast_symmetric_demons",)),
+                "step only: voxelmorph": learned,
+            }
+            for name, step in steps.items():
+                out, seconds = _timed(step, args.runs, affine_out, fixed)
+                field = _chain_fields(
+                    registration_displacement(out, space="voxel", index=0),
+                    registration_displacement(out, space="voxel", index=1),
+                )
+                r = out[0].numpy()
+                per_method.setdefault(name, []).append(
+                    {
+                        "time": seconds,
+                        "epe": end_point_error(field, truth, mask=tissue),
+                        "ssim": ssim(r, f, data_range=1.0, mask=tissue),
+                        "nmi": normalized_mutual_information(r, f, mask=tissue),
+                        "ssim_gain": ssim(r, f, data_range=1.0, mask=tissue) - ssim_affine,
+                    }
+                )
+        print(f"  mammo {sid} done", file=sys.stderr)
+    rows = []
+    for name, results in per_method.items():
+        rows.append(
+            [
+                name,
+                _median([r["time"] for r in results]),
+                _median([r["epe"] for r in results]),
+                max(r["epe"] for r in results),
+                _median([r["ssim"] for r in results]),
+                min(r["ssim"] for r in results),
+                _median([r["nmi"] for r in results]),
+            ]
+        )
+    header = ["method", "time s (median)", "EPE px (median)", "EPE px (max)", "SSIM (median)", "SSIM (min)", "NMI"]
+    table = _table(f"Mammography 2D ({args.subjects} pairs, 256^2, visit 1 -> visit 0)", header, rows)
+    if learned is not None:
+        gains = {k: _median([r["ssim_gain"] for r in v]) for k, v in per_method.items() if k.startswith("step only")}
+        times = {k: _median([r["time"] for r in v]) for k, v in per_method.items() if k.startswith("step only")}
+        classical, vxm = "step only: fast_symmetric_demons", "step only: voxelmorph"
+        table += (
+            f"\n\nlearned vs classical deformable step: {times[classical] / times[vxm]:.1f}x faster, "
+            f"{100 * gains[vxm] / gains[classical]:.0f} % of its SSIM gain over affine "
+            f"(targets: >= 20x, >= 95 %)"
+        )
+    if args.figure and example is not None:
+        _figure(example, args.figure)
+    return table, per_method
+
+
+def _chain_fields(first: torch.Tensor, second: torch.Tensor) -> np.ndarray:
+    """Voxel pull-back of two registrations applied one after the other on one grid:
+    ``p -> p + second(p) -> (p + second(p)) + first(p + second(p))``."""
+    from monai_twin.transforms.registration.functional import sample_at_voxels
+
+    grid = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in first.shape[1:]], indexing="ij"))
+    moved = grid + second
+    total = second + sample_at_voxels(first, moved, mode="bilinear", padding_mode="border")
+    return total.numpy()
+
+
+def _figure(example, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sid, fixed, moving, out, field, truth, tissue = example
+    err = np.sqrt(((field - truth) ** 2).sum(0)) * tissue
+    fig, axes = plt.subplots(1, 5, figsize=(18, 4))
+    panels = [
+        (fixed[0].numpy(), "fixed (visit 0)"),
+        (moving[0].numpy(), "moving (visit 1)"),
+        (out[0].numpy(), "registered (rigid+affine+fast symmetric demons)"),
+        (out[0].numpy() - fixed[0].numpy(), "registered - fixed"),
+        (err, "end-point error (px)"),
+    ]
+    for ax, (img, title) in zip(axes, panels):
+        im = ax.imshow(img.T, cmap="gray" if "error" not in title else "magma", origin="lower")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+        if "error" in title:
+            fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(f"subject {sid}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    print(f"  figure written to {path}", file=sys.stderr)
+
+
+# -- MRI ROI 3D ----------------------------------------------------------------------------------
+
+
+def _rigid_voxel_map(t) -> np.ndarray:
+    """The acquisition's voxel map ``p -> p + u(p)`` as a 4x4 (it is rigid in 3D)."""
+    shape = np.asarray(t.spatial_shape, dtype=np.float64)
+    centre = (shape - 1.0) / 2.0
+    rot = t._rotation_matrix()
+    m = np.eye(4)
+    m[:3, :3] = rot
+    m[:3, 3] = centre + np.asarray(t.shift) - rot @ centre
+    return m
+
+
+def run_mri(args) -> str:
+    from monai_twin.data.synthetic.cohort import resimulate, simulate_subject
+
+    results: dict[str, list[dict]] = {name: [] for name in MRI_METHODS}
+    for i in range(args.subjects):
+        subject = simulate_subject("mri_roi3d", i, seed=args.seed)
+        visits = resimulate(subject)
+        sp = subject.config.spacing_mm
+        affine = torch.diag(torch.tensor([sp, sp, sp, 1.0], dtype=torch.float64))
+        fixed = MetaTensor(torch.as_tensor(visits.images[0][None]), affine=affine)
+        moving = MetaTensor(torch.as_tensor(visits.images[1][None]), affine=affine)
+        a0 = _rigid_voxel_map(subject.acquisitions[0])
+        a1 = _rigid_voxel_map(subject.acquisitions[1])
+        truth = np.linalg.inv(a1) @ a0  # fixed voxel -> moving voxel
+        centre = np.append((np.asarray(fixed.shape[1:]) - 1) / 2.0, 1.0)
+        for name, kwargs in MRI_METHODS.items():
+            reg = Register(levels=(2, 1), **kwargs)
+            out, seconds = _timed(reg, args.runs, moving, fixed)
+            world = registration_record(out)["matrix"].numpy()
+            est = np.linalg.inv(affine.numpy()) @ world @ affine.numpy()
+            rel = est[:3, :3] @ truth[:3, :3].T
+            angle = float(np.degrees(np.arccos(np.clip((np.trace(rel) - 1) / 2, -1, 1))))
+            shift = float(np.linalg.norm((est @ centre - truth @ centre)[:3]))
+            results[name].append({"time": seconds, "rotation": angle, "translation": shift})
+        print(f"  mri {subject.subject_id} done", file=sys.stderr)
+    rows = [
+        [
+            name,
+            _median([r["time"] for r in res]),
+            _median([r["rotation"] for r in res]),
+            max(r["rotation"] for r in res),
+            _median([r["translation"] for r in res]),
+            max(r["translation"] for r in res),
+        ]
+        for name, res in results.items()
+    ]
+    header = ["method", "time s", "rotation err deg (median)", "(max)", "translation err vox (median)", "(max)"]
+    return _table(f"MRI ROI 3D rigid ({args.subjects} pairs, 64^3 at 1.5 mm)", header, rows)
+
+
+# -- MNI152 anchors ------------------------------------------------------------------------------
+
+
+def mni_pair(ndim: int, size: int, seed: int = 0):
+    """MNI T1 + grey matter, resampled to ``size``^ndim, and a known affine + smooth warp of it.
+
+    ``fixed = T1(p + w(p))`` and ``moving = T1``, so the true pull-back field is ``w``.
+    """
+    import nibabel as nib
+    from nilearn import datasets
+    from scipy.ndimage import map_coordinates, zoom
+
+    from monai_twin.data.synthetic.acquisition import smooth_random_field
+
+    folder = Path(datasets.__file__).parent / "data"
+    t1 = np.asarray(nib.load(folder / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz").dataobj, dtype=np.float32)
+    gm = np.asarray(nib.load(folder / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz").dataobj, dtype=np.float32)
+    if ndim == 2:
+        t1, gm = t1[:, :, t1.shape[2] // 2 + 10], gm[:, :, gm.shape[2] // 2 + 10]
+    factors = [size / s for s in t1.shape]
+    t1 = zoom(t1, factors, order=1)
+    gm = zoom(gm, factors, order=1)
+    t1 = (t1 - t1.min()) / np.ptp(t1)
+    rng = np.random.default_rng(seed)
+    shape = t1.shape
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"))
+    centre = ((np.asarray(shape) - 1) / 2.0).reshape(-1, *([1] * ndim))
+    angle = np.deg2rad(8.0)
+    rot = np.eye(ndim)
+    rot[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    linear = rot * 1.06
+    shift = np.full(ndim, 0.03 * size).reshape(-1, *([1] * ndim))
+    positions = np.tensordot(linear, grid - centre, axes=1) + centre + shift
+    amplitude = 0.02 * size
+    for axis in range(ndim):
+        positions[axis] += amplitude * smooth_random_field(rng, shape, 5)
+    w = (positions - grid).astype(np.float32)
+    fixed = map_coordinates(t1, positions, order=1).astype(np.float32)
+    fixed_gm = map_coordinates(gm, positions, order=1) > 0.5
+    affine = torch.eye(4, dtype=torch.float64)
+    return (
+        MetaTensor(torch.as_tensor(fixed[None]), affine=affine),
+        MetaTensor(torch.as_tensor(t1[None]), affine=affine),
+        MetaTensor(torch.as_tensor((gm > 0.5)[None].astype(np.float32)), affine=affine),
+        fixed_gm,
+        w,
+    )
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+MNI_METHODS: dict[str, dict] = {
+    "rigid+affine": {"stages": LINEAR},
+    "+fast_symmetric_demons": {"stages": (*LINEAR, "fast_symmetric_demons")},
+    "+diffeomorphic_demons": {"stages": (*LINEAR, "diffeomorphic_demons")},
+    "+bspline": {"stages": (*LINEAR, "bspline")},
+}
+
+
+def run_mni(args) -> str:
+    rows = []
+    for ndim, size in ((2, 256), (3, 128)):
+        fixed, moving, moving_gm, fixed_gm, w = mni_pair(ndim, size)
+        f = fixed[0].numpy()
+        mask = f > 0.1
+        rows.append(
+            [
+                f"{size}^{ndim} none",
+                0.0,
+                _dice(moving_gm[0].numpy() > 0.5, fixed_gm),
+                ssim(moving[0].numpy(), f, data_range=1.0),
+                end_point_error(np.zeros_like(w), w, mask=mask),
+            ]
+        )
+        for name, kwargs in MNI_METHODS.items():
+            reg = Register(**kwargs)
+            out, seconds = _timed(reg, args.runs, moving, fixed)
+            gm_out = reg.apply_recorded(moving_gm, registration_record(out), mode="bilinear")
+            field = registration_displacement(out, space="voxel").numpy()
+            rows.append(
+                [
+                    f"{size}^{ndim} {name}",
+                    seconds,
+                    _dice(gm_out[0].numpy() > 0.5, fixed_gm),
+                    ssim(out[0].numpy(), f, data_range=1.0),
+                    end_point_error(field, w, mask=mask),
+                ]
+            )
+            print(f"  mni {size}^{ndim} {name}: {seconds:.1f}s", file=sys.stderr)
+    header = ["pair / method", "time s", "GM Dice", "SSIM", "EPE vox (brain)"]
+    return _table("MNI152 T1 with a known affine + smooth warp (the issue's anchors)", header, rows)
+
+
+# -- memory --------------------------------------------------------------------------------------
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def memory_child(method: str) -> None:
+    fixed, moving, _, _, _ = mni_pair(3, 128)
+    base = _peak_rss_mb()
+    if method != "baseline":
+        Register(**MEMORY_METHODS[method])(moving, fixed)
+    print(json.dumps({"method": method, "base_mb": base, "peak_mb": _peak_rss_mb()}))
+
+
+def run_memory(args) -> str:
+    rows = []
+    for method in MEMORY_METHODS:
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, __file__, "--memory-child", method], capture_output=True, text=True, check=True
+        )
+        seconds = time.perf_counter() - start
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append([method, res["peak_mb"] / 1024.0, (res["peak_mb"] - res["base_mb"]) / 1024.0, seconds])
+        print(f"  memory {method}: {res['peak_mb']:.0f} MB", file=sys.stderr)
+    header = ["method (128^3)", "peak RSS GB (process)", "added by registration GB", "wall s (incl. setup)"]
+    return _table("Memory on a 128^3 volume (limit 4 GB)", header, rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", nargs="+", default=["mammo", "mri"], choices=["mammo", "mri", "mni", "memory"])
+    parser.add_argument("--subjects", type=int, default=4)
+    parser.add_argument("--runs", type=int, default=1, help="timed repetitions per pair (median)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--figure", default=None, help="PNG path for a mammography example figure")
+    parser.add_argument("--voxelmorph", default=None, help="trained 2D VoxelMorph weights to include in the table")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child)
+        return
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    learned = None
+    if args.voxelmorph:
+        from monai_twin.transforms.registration.learned import RegisterVoxelMorph
+
+        learned = RegisterVoxelMorph(args.voxelmorph)
+    print(f"# registration accuracy (seed {args.seed}, {args.runs} timed run(s) per pair)")
+    for section in args.sections:
+        if section == "mammo":
+            print(run_mammo(args, learned)[0])
+        elif section == "mri":
+            print(run_mri(args))
+        elif section == "mni":
+            print(run_mni(args))
+        elif section == "memory":
+            print(run_memory(args))
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
