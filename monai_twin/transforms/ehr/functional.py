@@ -472,6 +472,7 @@ def interval_features(
             nval = nval[:cells].reshape(n_intervals, n_codes)
             measured = nval > 0
             unmeasured = ~measured
+            unmeasured_flat = unmeasured.ravel()
             # time of the latest value, then the largest value among those at that time (row-order free)
             tlast = np.full(cells + 1, -np.inf)
             np.maximum.at(tlast, seg, time)
@@ -502,9 +503,10 @@ def interval_features(
                     buffer.fill(-np.inf)
                     np.maximum.at(buffer, seg, value32)
                     result = buffer[:cells]
+                # fill the contiguous scratch table first: one strided write into the output per block
+                np.copyto(result, fill_value, where=unmeasured_flat)
                 view = features[:, block(k)]
                 np.copyto(view, result.reshape(n_intervals, n_codes), casting="same_kind")
-                np.copyto(view, fill_value, where=unmeasured)
                 mask[:, block(k)] = measured
                 if carry_forward:
                     keep[name] = view
