@@ -306,15 +306,27 @@ def mammo2d_anatomy(subject: SyntheticSubject) -> dict[str, np.ndarray]:
             0
         )
         n_spicules = int(rng.integers(8, 17)) if kind == "spiculated" else 0
+        area_factor = 1.0 + 0.5 * np.sum(amps**2)
+        spicule_angles = rng.uniform(-np.pi, np.pi, n_spicules)
+        spicule_lengths = rng.uniform(0.6, 1.4, n_spicules)
+        texture = 1.0 + 0.1 * _fractal_noise(rng, shape, 2.0)
+        # the lesion never outgrows its carrying capacity: render it only inside the box it can
+        # reach (core, spicules up to 1.5 lengths beyond the rim, and the soft edge's tail)
+        max_radius = np.sqrt(subject.latent["capacity"] / (np.pi * area_factor)) * float(shape_profile.max())
+        reach = max_radius * (1.0 + 1.5 * float(spicule_lengths.max(initial=0.0))) + 4.0
+        lo = np.maximum(np.floor((centre - reach) / sp).astype(int), 0)
+        hi = np.minimum(np.ceil((centre + reach) / sp).astype(int) + 1, shape)
+        box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]))
         cache.update(
-            lesion_rho=rho.astype(np.float32),
-            lesion_theta=theta.astype(np.float32),
-            lesion_profile=shape_profile.astype(np.float32),
+            lesion_box=box,
+            lesion_rho=rho[box].astype(np.float32),
+            lesion_theta=theta[box].astype(np.float32),
+            lesion_profile=shape_profile[box].astype(np.float32),
             # area of r <= R * profile(theta) is pi R^2 (1 + sum(a^2) / 2): rescale so the mask area is A
-            lesion_area_factor=np.float64(1.0 + 0.5 * np.sum(amps**2)),
-            spicule_angles=rng.uniform(-np.pi, np.pi, n_spicules),
-            spicule_lengths=rng.uniform(0.6, 1.4, n_spicules),
-            lesion_texture=(1.0 + 0.1 * _fractal_noise(rng, shape, 2.0)).astype(np.float32),
+            lesion_area_factor=np.float64(area_factor),
+            spicule_angles=spicule_angles,
+            spicule_lengths=spicule_lengths,
+            lesion_texture=texture[box].astype(np.float32),
         )
     return cache
 
@@ -343,7 +355,8 @@ def mammo2d_render(subject: SyntheticSubject, row: pd.Series) -> tuple[np.ndarra
             reach = length * radius * 1.5
             ray = np.exp(-(across**2) / (2 * 0.3**2)) * (along > 0) * np.clip(1.0 - (along - radius) / reach, 0, 1)
             lesion = np.maximum(lesion, 0.6 * ray * (along > radius * 0.5))
-        image = image + 0.32 * lesion * breast
-        mask = ((rho <= boundary) & (breast > 0)).astype(np.uint8)
+        box = anatomy["lesion_box"]
+        image[box] += 0.32 * lesion * breast[box]
+        mask[box] = (rho <= boundary) & (breast[box] > 0)
     area_mm2 = float(mask.sum()) * subject.config.spacing**2
     return image.astype(np.float32), mask, {"mask_area_mm2": area_mm2}

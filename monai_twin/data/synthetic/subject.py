@@ -414,7 +414,9 @@ def write_nifti_deterministic(
         image.header.set_intent(intent)
     raw = image.to_bytes()
     path = Path(path)
-    data = gzip.compress(raw, compresslevel=6, mtime=0) if path.name.endswith(".gz") else raw
+    # noisy 16-bit data barely compress beyond level 1; small-integer label maps gain from level 6
+    level = 6 if np.dtype(dtype).itemsize == 1 else 1
+    data = gzip.compress(raw, compresslevel=level, mtime=0) if path.name.endswith(".gz") else raw
     with atomic_output_path(path) as tmp:
         tmp.write_bytes(data)
     return path
