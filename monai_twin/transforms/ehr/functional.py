@@ -456,11 +456,23 @@ def interval_features(
         features[:, block(k)] = count
         mask[:, block(k)] = seen
     del count
-    last_seen = None
     if time_since:
+        # done now, while seg still holds every event, so its table is freed before the value reducers
         last_seen = np.full(cells + 1, -np.inf)
         np.maximum.at(last_seen, seg, time)
-        last_seen = last_seen[:cells].reshape(n_intervals, n_codes)
+        # row of the latest interval (same group) where each code was seen, as flat indices into last_seen
+        source = np.where(seen, rows[:, None], -1)
+        np.maximum.accumulate(source, axis=0, out=source)
+        known = source >= first_interval[:, None]
+        np.maximum(source, 0, out=source)
+        source *= n_codes
+        source += np.arange(n_codes)
+        k = len(reducers) * n_codes + (n_exposure if exposure else 0)
+        view = features[:, k : k + n_codes]
+        np.subtract(end_t[:, None], np.take(last_seen, source), out=view, casting="same_kind")
+        np.copyto(view, -1.0, where=~known)
+        mask[:, k : k + n_codes] = known
+        del last_seen, source, known
 
     value_reducers = [r for r in reducers if r != "count"]
     # NaN values all land in the dump cell; comparisons with them there are expected and dropped
@@ -535,20 +547,7 @@ def interval_features(
         )  # fmt: skip
         features[:, k : k + n_exposure] = x_features
         mask[:, k : k + n_exposure] = x_mask
-        k += n_exposure
 
-    if time_since:
-        # row of the latest interval (same group) where each code was seen, as flat indices into last_seen
-        source = np.where(seen, rows[:, None], -1)
-        np.maximum.accumulate(source, axis=0, out=source)
-        known = source >= first_interval[:, None]
-        np.maximum(source, 0, out=source)
-        source *= n_codes
-        source += np.arange(n_codes)
-        view = features[:, k : k + n_codes]
-        np.subtract(end_t[:, None], np.take(last_seen.ravel(), source), out=view, casting="same_kind")
-        np.copyto(view, -1.0, where=~known)
-        mask[:, k : k + n_codes] = known
     return features, mask
 
 
