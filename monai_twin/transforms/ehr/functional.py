@@ -712,6 +712,13 @@ def interval_feature_table(
     v_order = np.lexsort((v_time, v_code))
     v_code_s, v_time_s = v_code[v_order], v_time[v_order]
     offsets = _segment_starts(v_code_s, len(uniques))
+    repeated = (v_code_s[1:] == v_code_s[:-1]) & (v_time_s[1:] == v_time_s[:-1])
+    if repeated.any() or not np.isfinite(v_time_s).all():
+        bad = np.r_[v_code_s[1:][repeated], v_code_s[~np.isfinite(v_time_s)]]
+        raise ValueError(
+            f"visits: column 'time' must be finite and distinct per subject; subject(s) "
+            f"{sorted({str(uniques[b]) for b in bad})[:10]} are not."
+        )
     enc = encode_events(events, vocab, check_units=check_units)
     usable = (e_code >= 0) & np.isfinite(enc.time)
     if not usable.all():

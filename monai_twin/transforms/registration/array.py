@@ -444,8 +444,17 @@ class Register(InvertibleTransform):
         """
         if not isinstance(data, MetaTensor):
             raise TypeError(f"inverse needs the MetaTensor returned by Register, got {type(data).__name__}.")
+        data = _detached_history(data)
         transform = self.pop_transform(data)
         return _invert(data, transform[TraceKeys.EXTRA_INFO], transform)
+
+
+def _detached_history(data: MetaTensor) -> MetaTensor:
+    """The same voxels (no copy) with its own metadata and history: popping a transform for an
+    inverse must not change the caller's tensor."""
+    out = MetaTensor(data.as_tensor(), meta=copy.copy(data.meta))
+    out.applied_operations = list(data.applied_operations)
+    return out
 
 
 def _with_grid(data: torch.Tensor, like: MetaTensor, affine: torch.Tensor) -> MetaTensor:
@@ -699,6 +708,7 @@ class RegisterSequence(InvertibleTransform):
         """Visits back on their original grids: a stacked tensor if the input was stacked, else a list."""
         if not isinstance(data, MetaTensor):
             raise TypeError(f"inverse needs the MetaTensor returned by RegisterSequence, got {type(data).__name__}.")
+        data = _detached_history(data)
         transform = self.pop_transform(data)
         info = transform[TraceKeys.EXTRA_INFO]
         outs = []

@@ -351,3 +351,11 @@ def test_property_events_outside_every_interval_change_nothing(rows, outside):
     f1, m1 = t(_frame(rows + outside), [0.0, 1.0, 2.5], 4.5)
     torch.testing.assert_close(f0, f1, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(m0, m1, rtol=0, atol=0)
+
+
+def test_table_names_subjects_with_repeated_visit_times(vocab):
+    visits = pd.DataFrame({"subject_id": ["a", "a", "b", "b"], "time": [0.0, 0.0, 0.0, 3.0]})
+    with pytest.raises(ValueError, match=r"distinct per subject.*\['a'\]"):
+        interval_feature_table(toy_events(), visits, vocab)
+    with pytest.raises(TypeError, match="datetimes"):
+        interval_feature_table(toy_events().assign(time=pd.Timestamp("2030-01-01")), toy_visits(), vocab)
