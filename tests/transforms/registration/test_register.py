@@ -72,6 +72,7 @@ class TestRegister2D(unittest.TestCase):
         self.assertEqual(len(out.applied_operations), 1)
         back = reg.inverse(out)
         self.assertEqual(len(back.applied_operations), 0)
+        self.assertEqual(len(out.applied_operations), 1)  # the registered tensor keeps its record
         np.testing.assert_allclose(back.affine.numpy(), moving.affine.numpy())
         err = np.abs(back[0].numpy() - moving[0].numpy())[10:-10, 10:-10]
         self.assertLess(err.max(), 0.03)
