@@ -213,8 +213,8 @@ def resimulate(
         subject: the subject (:func:`simulate_subject` or :func:`load_subject`).
         edited_events: an events table (``time``, ``code``, ``numeric_value``; ``time`` as
             datetimes or days since the first visit) whose rows with the subject's drug code
-            define the new schedule -- a dose (mg/day) from each row's time on, 0 = stop. Other
-            rows are measurements and are ignored.
+            define the new schedule -- a dose (mg/day) from each row's time on, 0 = stop; a table
+            without drug rows means never treated. Other rows are measurements and are ignored.
         days: times to image (days since the first visit); default the visit days. Times past
             the last visit get acquisitions of their own.
 

@@ -31,7 +31,17 @@ import pandas as pd
 from .acquisition import identity_grid, sample_acquisition, smooth_random_field
 from .subject import DoseSchedule, SyntheticSubject, sample_dose_schedule, sample_lab_plan, sample_visit_days
 
-__all__ = ["DRUG_CODE", "LAB_CODE", "LESION_TYPES", "Mammo2DConfig", "sample_mammo2d_subject"]
+__all__ = [
+    "DRUG_CODE",
+    "LAB_CODE",
+    "LESION_TYPES",
+    "Mammo2DConfig",
+    "mammo2d_anatomy",
+    "mammo2d_measure",
+    "mammo2d_render",
+    "mammo2d_truth",
+    "sample_mammo2d_subject",
+]
 
 DRUG_CODE = "DRUG//tamoxifen"
 LAB_CODE = "LAB//CA15-3"

@@ -35,7 +35,19 @@ import pandas as pd
 from .acquisition import identity_grid, sample_acquisition, smooth_random_field, warp
 from .subject import DoseSchedule, SyntheticSubject, sample_dose_schedule, sample_lab_plan, sample_visit_days
 
-__all__ = ["AMYLOID_CODE", "DRUG_CODE", "MMSE_CODE", "MRIROI3DConfig", "sample_mri_roi3d_subject", "template_paths"]
+__all__ = [
+    "AMYLOID_CODE",
+    "DRUG_CODE",
+    "LABELS",
+    "MMSE_CODE",
+    "MRIROI3DConfig",
+    "mri_roi3d_anatomy",
+    "mri_roi3d_measure",
+    "mri_roi3d_render",
+    "mri_roi3d_truth",
+    "sample_mri_roi3d_subject",
+    "template_paths",
+]
 
 DRUG_CODE = "DRUG//anti-amyloid"
 AMYLOID_CODE = "LAB//amyloid-SUVR"

@@ -29,10 +29,12 @@ __all__ = [
     "LabPlan",
     "SyntheticSubject",
     "SyntheticVisits",
+    "build_events",
     "days_to_datetimes",
     "sample_dose_schedule",
     "sample_lab_plan",
     "sample_visit_days",
+    "schedule_from_events",
     "write_nifti_deterministic",
 ]
 
