@@ -1,6 +1,13 @@
 from __future__ import annotations
 
-from .dataset import SECTIONS, LongitudinalDataset, build_longitudinal_items, collate_longitudinal, split_subjects
+from .dataset import (
+    SECTIONS,
+    LongitudinalDataset,
+    build_longitudinal_items,
+    collate_longitudinal,
+    forecast_item,
+    split_subjects,
+)
 from .manifest import (
     EVENT_COLUMNS,
     STATIC_COLUMNS,
@@ -24,6 +31,7 @@ __all__ = [
     "ManifestProblem",
     "build_longitudinal_items",
     "collate_longitudinal",
+    "forecast_item",
     "load_manifest",
     "manifest_summary",
     "read_table",

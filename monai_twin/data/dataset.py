@@ -24,6 +24,7 @@ __all__ = [
     "LongitudinalDataset",
     "build_longitudinal_items",
     "collate_longitudinal",
+    "forecast_item",
     "split_subjects",
 ]
 
@@ -190,6 +191,107 @@ def build_longitudinal_items(
             item["static"] = dict(static)
             items.append(item)
     return items
+
+
+def forecast_item(
+    manifest: LongitudinalManifest,
+    subject_id: str,
+    when: Any,
+    *,
+    max_history: int | None = None,
+    planned_events: Mapping[str, Sequence] | None = None,
+) -> dict[str, Any]:
+    """An item to forecast ``subject_id`` at a chosen date, without a target scan.
+
+    The history is every visit before ``when`` (the most recent ``max_history``), ``events`` every
+    recorded event before ``when`` plus ``planned_events`` -- the treatment plan between the last
+    scan and the forecast date, which is what a what-if question edits.
+
+    Args:
+        manifest: a validated manifest.
+        subject_id: the patient.
+        when: the forecast date: a datetime / ISO string for datetime manifests, a number of days
+            (on the input's axis) for numeric ones (see :meth:`LongitudinalManifest.to_days`).
+        max_history: most prior visits kept.
+        planned_events: extra events as columns ``time`` (same kind as ``when``), ``code``,
+            ``numeric_value`` and optionally ``text_value``/``unit``; they must fall after the
+            last scan and before ``when``.
+
+    Returns:
+        a dictionary with the keys of :func:`build_longitudinal_items` except ``target``,
+        ``target_label`` and ``target_events``; ``target_index`` is -1.
+
+    Example::
+
+        item = forecast_item(manifest, "P0003", "2034-06-01",
+                             planned_events={"time": ["2033-09-01"], "code": ["DRUG//tamoxifen"],
+                                             "numeric_value": [10.0]})
+    """
+    visits = manifest.subject_visits(subject_id)
+    sid = str(subject_id)
+    t_target = manifest.to_days(sid, when)
+    prior = visits[visits["time"].to_numpy() < t_target]
+    if prior.empty:
+        raise ValueError(f"subject {sid!r} has no scan before the forecast date {when!r} (day {t_target:.1f}).")
+    if max_history is not None:
+        if max_history < 1:
+            raise ValueError(f"max_history must be >= 1, got {max_history}.")
+        prior = prior.iloc[-max_history:]
+    t_hist = prior["time"].to_numpy(dtype=np.float64)
+    columns = _event_columns(manifest)
+    events = _events_window(columns, manifest.event_slice(sid), -np.inf, t_target, closed_hi=False)
+    if planned_events is not None:
+        events = _add_planned(events, planned_events, manifest, sid, float(t_hist[-1]), t_target)
+    item: dict[str, Any] = {"subject_id": sid, "target_index": -1}
+    for column in manifest.image_columns:
+        name = "history" if column == "image" else ("history_label" if column == "mask" else f"history_{column}")
+        item[name] = prior[column].tolist()
+    item["history_mask"] = np.ones(len(t_hist), dtype=np.float32)
+    item["times"] = (t_target - t_hist).astype(np.float32)
+    item["history_times"] = t_hist.copy()
+    item["target_time"] = float(t_target)
+    item["events"] = events
+    item["static"] = manifest.subject_static(sid)
+    return item
+
+
+def _add_planned(
+    events: dict[str, np.ndarray],
+    planned: Mapping[str, Sequence],
+    manifest: LongitudinalManifest,
+    sid: str,
+    last_scan: float,
+    target: float,
+) -> dict[str, np.ndarray]:
+    for column in ("time", "code", "numeric_value"):
+        if column not in planned:
+            raise KeyError(f"planned_events needs a {column!r} column (got {sorted(planned)}).")
+    n = len(planned["code"])
+    if any(len(v) != n for v in planned.values()):
+        raise ValueError(
+            f"planned_events columns must have equal lengths, got { {k: len(v) for k, v in planned.items()} }."
+        )
+    days = np.array([manifest.to_days(sid, t) for t in planned["time"]], dtype=np.float64)
+    outside = (days <= last_scan) | (days >= target)
+    if outside.any():
+        raise ValueError(
+            f"planned_events of subject {sid!r} must fall after the last scan (day {last_scan:.1f}) and before the "
+            f"forecast date (day {target:.1f}); rows {np.flatnonzero(outside).tolist()} do not."
+        )
+    values = np.asarray(planned["numeric_value"], dtype=np.float64)
+    if np.isinf(values).any():
+        raise ValueError("planned_events numeric_value holds infinite values.")
+    added = {
+        "time": days,
+        "code": np.asarray([str(c) for c in planned["code"]], dtype=object),
+        "numeric_value": values,
+        "text_value": np.asarray(planned.get("text_value", [None] * n), dtype=object),
+        "unit": np.asarray(planned.get("unit", [None] * n), dtype=object),
+    }
+    merged = {k: np.concatenate([events[k], added[k]]) for k in events}
+    # static rows (NaN) first, then time order; stable keeps recorded events before planned ones
+    order = np.lexsort((np.arange(len(merged["time"])), np.nan_to_num(merged["time"], nan=-np.inf)))
+    return {k: v[order] for k, v in merged.items()}
 
 
 class LongitudinalDataset(Dataset):

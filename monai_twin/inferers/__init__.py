@@ -1,0 +1,7 @@
+"""Forecasting and what-if inference."""
+
+from __future__ import annotations
+
+from .whatif import WhatIfInferer, edit_events, save_what_if_png
+
+__all__ = ["WhatIfInferer", "edit_events", "save_what_if_png"]
