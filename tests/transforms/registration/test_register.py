@@ -197,3 +197,28 @@ class TestThreads(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestDeformable3D(unittest.TestCase):
+    def test_rigid_then_demons_3d(self):
+        shape = (32, 32, 32)
+        affine = centred_affine(shape, (1.0, 1.0, 1.0))
+        fixed = phantom(shape, affine)
+
+        def bump(points):
+            b = 1.5 * np.exp(-((points[0] - 2) ** 2 + points[1] ** 2 + (points[2] + 1) ** 2) / (2 * 7.0**2))
+            return np.stack([b, -0.5 * b, 0.5 * b])
+
+        moving = phantom(shape, affine, lambda y: y - bump(y))
+        reg = Register(
+            stages=("rigid", "diffeomorphic_demons"), levels=(2, 1), demons_sigma=1.5, match_histograms=False
+        )
+        out = reg(moving, fixed)
+        inner = (slice(8, -8),) * 3
+        before = np.abs(moving[0].numpy() - fixed[0].numpy())[inner].mean()
+        after = np.abs(out[0].numpy() - fixed[0].numpy())[inner].mean()
+        self.assertLess(after, 0.5 * before)
+        field = registration_displacement(out, space="world")
+        self.assertEqual(tuple(field.shape), (3, *shape))
+        # the bump centre moves by about (1.5, -0.75, 0.75) mm
+        np.testing.assert_allclose(field[:, 18, 16, 15].numpy(), [1.5, -0.75, 0.75], atol=0.5)
