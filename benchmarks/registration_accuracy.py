@@ -9,6 +9,8 @@ Sections (each prints a Markdown table; medians over pairs, times are wall-clock
   at the ROI centre (voxels); targets <= 1 deg and <= 0.5 voxel.
 * ``mni``: the real MNI152 T1 (nilearn, offline) as a 256^2 slice and a 128^3 volume under a known
   affine + smooth deformation; grey-matter Dice before/after, time (the issue's anchors).
+* ``export`` / ``ants``: write the MNI and mammography pairs for ``registration_ants.py`` (ANTs SyN
+  in a venv of its own) and score its outputs with the same metrics.
 * ``memory``: peak resident memory of each method on a 128^3 volume, one child process per method
   (the parent's imports and data are measured separately and subtracted).
 
@@ -377,6 +379,57 @@ def run_mni(args) -> str:
     return _table("MNI152 T1 with a known affine + smooth warp (the issue's anchors)", header, rows)
 
 
+# -- ANTs comparison (separate venv) ----------------------------------------------------------
+
+
+def run_export(args) -> str:
+    folder = Path(args.export_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for ndim, size in ((2, 256), (3, 128)):
+        fixed, moving, moving_gm, fixed_gm, _ = mni_pair(ndim, size)
+        name = folder / f"mni_{size}_{ndim}d.npz"
+        np.savez(
+            name,
+            fixed=fixed[0].numpy(),
+            moving=moving[0].numpy(),
+            moving_extra=moving_gm[0].numpy(),
+            fixed_extra=fixed_gm.astype(np.float32),
+            spacing=np.ones(ndim),
+        )
+        written.append(name.name)
+    for sid, fixed, moving, _, tissue in mammo_pairs(args.subjects, args.seed):
+        name = folder / f"mammo_{sid}.npz"
+        sp = float(fixed.affine[0, 0])
+        np.savez(
+            name,
+            fixed=fixed[0].numpy(),
+            moving=moving[0].numpy(),
+            moving_extra=moving[0].numpy(),
+            fixed_extra=tissue.astype(np.float32),
+            spacing=np.full(2, sp),
+        )
+        written.append(name.name)
+    return f"\nexported {len(written)} pairs to {folder}: {', '.join(written)}"
+
+
+def run_ants_scores(args) -> str:
+    rows = []
+    for path in sorted(Path(args.export_dir).glob("*_ants.npz")):
+        pair = np.load(path.with_name(path.stem[: -len("_ants")] + ".npz"))
+        res = np.load(path)
+        fixed = pair["fixed"]
+        if path.stem.startswith("mni"):
+            dice = _dice(res["extra"] > 0.5, pair["fixed_extra"] > 0.5)
+            score = ssim(res["warped"], fixed, data_range=1.0)
+        else:
+            dice = float("nan")
+            score = ssim(res["warped"], fixed, data_range=1.0, mask=pair["fixed_extra"] > 0)
+        rows.append([path.stem[: -len("_ants")], float(res["seconds"]), score, dice])
+    header = ["pair", "ANTs SyN time s", "SSIM (mammo: over tissue)", "GM Dice (MNI)"]
+    return _table("ANTs SyN (antspyx, separate venv) on the same pairs", header, rows)
+
+
 # -- memory --------------------------------------------------------------------------------------
 
 
@@ -409,7 +462,10 @@ def run_memory(args) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sections", nargs="+", default=["mammo", "mri"], choices=["mammo", "mri", "mni", "memory"])
+    parser.add_argument(
+        "--sections", nargs="+", default=["mammo", "mri"], choices=["mammo", "mri", "mni", "memory", "export", "ants"]
+    )
+    parser.add_argument("--export-dir", default="/tmp/regpairs", help="pairs for the ANTs comparison")
     parser.add_argument("--subjects", type=int, default=4)
     parser.add_argument("--runs", type=int, default=1, help="timed repetitions per pair (median)")
     parser.add_argument("--seed", type=int, default=0)
@@ -436,6 +492,10 @@ def main() -> None:
             print(run_mni(args))
         elif section == "memory":
             print(run_memory(args))
+        elif section == "export":
+            print(run_export(args))
+        elif section == "ants":
+            print(run_ants_scores(args))
         sys.stdout.flush()
 
 
