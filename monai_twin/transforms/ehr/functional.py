@@ -332,6 +332,7 @@ def interval_features(
     carry_forward: bool = False,
     decay: float | None = None,
     fill_value: float = 0.0,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Aggregate events per (interval, code) for many groups (subjects or items) at once.
 
@@ -343,9 +344,12 @@ def interval_features(
         exposure_column: (N,) exposure column in ``[0, n_exposure)`` for start/stop events, else -1.
         rate: (N,) signed daily dose (+ start, - stop), 0 for other events.
         bounds: flat visit times per group, strictly increasing within a group (days).
-        bounds_offsets: (G + 1,) start of each group's bounds in ``bounds``; each group needs >= 2.
+        bounds_offsets: (G + 1,) start of each group's bounds in ``bounds``; a group with one
+            visit has no interval.
         n_codes, n_exposure: number of feature codes / exposure codes.
         reducers, exposure, time_since, carry_forward, decay, fill_value: see the module docstring.
+        out: optional C-contiguous ``(features, mask)`` arrays of shape (J, F), float32 and bool,
+            written in place (lets a caller fill row blocks of one big table).
 
     Returns:
         ``features`` (J, F) float32 and ``mask`` (J, F) bool, J = sum over groups of
@@ -366,9 +370,9 @@ def interval_features(
     offsets = np.asarray(bounds_offsets, dtype=np.int64)
     n_groups = offsets.size - 1
     n_bounds = np.diff(offsets)
-    if (n_bounds < 2).any():
-        bad = np.flatnonzero(n_bounds < 2)
-        raise ValueError(f"every group needs at least two visit times (one interval); group(s) {bad[:10].tolist()}.")
+    if (n_bounds < 1).any():
+        bad = np.flatnonzero(n_bounds < 1)
+        raise ValueError(f"every group needs at least one visit time; group(s) {bad[:10].tolist()} have none.")
     bound_group = np.repeat(np.arange(n_groups), n_bounds)
     same = bound_group[1:] == bound_group[:-1]
     if not np.isfinite(bounds).all():
@@ -433,8 +437,13 @@ def interval_features(
     rows = np.arange(n_intervals)
 
     n_features = len(reducers) * n_codes + (n_exposure if exposure else 0) + (n_codes if time_since else 0)
-    features = np.empty((n_intervals, n_features), dtype=np.float32)
-    mask = np.empty((n_intervals, n_features), dtype=bool)
+    if out is None:
+        features = np.empty((n_intervals, n_features), dtype=np.float32)
+        mask = np.empty((n_intervals, n_features), dtype=bool)
+    else:
+        features, mask = out
+        if features.shape != (n_intervals, n_features) or mask.shape != features.shape:
+            raise ValueError(f"out must hold two ({n_intervals}, {n_features}) arrays, got {features.shape}.")
 
     def block(k: int) -> slice:
         return slice(k * n_codes, (k + 1) * n_codes)
@@ -680,6 +689,7 @@ def interval_feature_table(
     decay: float | None = None,
     fill_value: float = 0.0,
     check_units: bool = True,
+    chunk_events: int = 1 << 20,
 ) -> IntervalFeatureTable:
     """Interval features for every item of a cohort in one vectorised pass.
 
@@ -692,6 +702,9 @@ def interval_feature_table(
         reducers, exposure, time_since, carry_forward, decay, fill_value: as in
             :class:`~monai_twin.transforms.ehr.EHRToIntervalFeatures`.
         check_units: verify the ``unit`` column against the fitted units.
+        chunk_events: when the events are grouped by subject (as ``load_manifest`` returns them),
+            they are processed in blocks of whole subjects of about this many rows, which bounds
+            the temporary memory and keeps the scatter tables cache-sized; the result is the same.
 
     Returns:
         an :class:`IntervalFeatureTable` (items with full history are slices of it).
@@ -719,36 +732,46 @@ def interval_feature_table(
             f"visits: column 'time' must be finite and distinct per subject; subject(s) "
             f"{sorted({str(uniques[b]) for b in bad})[:10]} are not."
         )
-    enc = encode_events(events, vocab, check_units=check_units)
-    usable = (e_code >= 0) & np.isfinite(enc.time)
-    if not usable.all():
-        keep = np.flatnonzero(usable)
-        e_code = e_code[keep]
-        enc = EncodedEvents(enc.time[keep], enc.index[keep], enc.value[keep], enc.rate[keep])
-    column, exposure_column = vocab.feature_column[enc.index], vocab.exposure_column[enc.index]
-    time, value, rate = enc.time, enc.value, enc.rate
-    del enc  # the token indices are not needed any more: free them before the kernel's peak
-    try:
-        features, mask = interval_features(
-            e_code,
-            time,
-            column,
-            value,
-            exposure_column,
-            rate,
-            v_time_s,
-            offsets,
-            len(vocab.feature_codes),
-            len(vocab.exposure_codes),
-            reducers=reducers,
-            exposure=exposure,
-            time_since=time_since,
-            carry_forward=carry_forward,
-            decay=decay,
-            fill_value=fill_value,
+    n_codes, n_exposure = len(vocab.feature_codes), len(vocab.exposure_codes)
+    names = interval_feature_names(vocab, _check_reducers(reducers), exposure, time_since)
+    n_groups = len(uniques)
+    n_intervals = int(offsets[-1] - n_groups)
+    features = np.empty((n_intervals, len(names)), dtype=np.float32)
+    mask = np.empty((n_intervals, len(names)), dtype=bool)
+    options = dict(reducers=reducers, exposure=exposure, time_since=time_since, carry_forward=carry_forward,
+                   decay=decay, fill_value=fill_value)  # fmt: skip
+
+    def run(rows: slice | np.ndarray, g0: int, g1: int) -> None:
+        # encode and aggregate the events of groups [g0, g1); their intervals are one row block
+        part = events.iloc[rows]
+        enc = encode_events(part, vocab, check_units=check_units)
+        group = e_code[rows]
+        keep = np.flatnonzero((group >= 0) & np.isfinite(enc.time))
+        index = enc.index[keep]
+        r0, r1 = int(offsets[g0] - g0), int(offsets[g1] - g1)
+        try:
+            interval_features(
+                group[keep] - g0, enc.time[keep], vocab.feature_column[index], enc.value[keep],
+                vocab.exposure_column[index], enc.rate[keep], v_time_s[offsets[g0] : offsets[g1]],
+                offsets[g0 : g1 + 1] - offsets[g0], n_codes, n_exposure, out=(features[r0:r1], mask[r0:r1]),
+                **options,
+            )  # fmt: skip
+        except _ExposureError as err:
+            raise ValueError(_exposure_message(err, vocab, str(uniques[g0 + err.group]))) from None
+
+    grouped = e_code.size == 0 or ((e_code >= 0).all() and (e_code[1:] >= e_code[:-1]).all())
+    if grouped and e_code.size > chunk_events:
+        # events grouped by subject (a manifest's are): walk blocks of whole subjects of about
+        # chunk_events rows -- a loop over ~N / chunk_events blocks, not over subjects -- so the
+        # per-event temporaries and the dense tables stay small enough for the caches
+        group_starts = np.searchsorted(e_code, np.arange(n_groups + 1), side="left")
+        cuts = np.unique(
+            np.r_[0, np.searchsorted(group_starts, np.arange(chunk_events, e_code.size, chunk_events)), n_groups]
         )
-    except _ExposureError as err:
-        raise ValueError(_exposure_message(err, vocab, str(uniques[err.group]))) from None
+        for g0, g1 in zip(cuts[:-1], cuts[1:]):
+            run(slice(int(group_starts[g0]), int(group_starts[g1])), int(g0), int(g1))
+    else:
+        run(slice(0, e_code.size), 0, n_groups)
     n_visits = np.diff(offsets)
     keep_row = np.ones(v_time_s.size, dtype=bool)
     keep_row[offsets[1:] - 1] = False
@@ -760,7 +783,7 @@ def interval_feature_table(
         end=v_time_s[np.r_[False, keep_row[:-1]]],
         features=features,
         mask=mask,
-        feature_names=interval_feature_names(vocab, _check_reducers(reducers), exposure, time_since),
+        feature_names=names,
     )
 
 

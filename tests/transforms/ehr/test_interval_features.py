@@ -359,3 +359,20 @@ def test_table_names_subjects_with_repeated_visit_times(vocab):
         interval_feature_table(toy_events(), visits, vocab)
     with pytest.raises(TypeError, match="datetimes"):
         interval_feature_table(toy_events().assign(time=pd.Timestamp("2030-01-01")), toy_visits(), vocab)
+
+
+def test_table_in_subject_blocks_equals_one_pass():
+    events, visits = random_cohort(30, 25, seed=5)
+    # a single-visit subject has no interval but must not shift anyone else's rows
+    visits = pd.concat([visits, pd.DataFrame({"subject_id": ["s9999"], "time": [0.0]})], ignore_index=True)
+    events = pd.concat(
+        [events, pd.DataFrame({"subject_id": ["s9999"], "time": [1.0], "code": ["LAB//0"], "numeric_value": [1.0]})],
+        ignore_index=True,
+    )
+    vocab = EHRVocabulary.fit(events)
+    whole = interval_feature_table(events, visits, vocab, carry_forward=True, decay=5.0)
+    blocks = interval_feature_table(events, visits, vocab, carry_forward=True, decay=5.0, chunk_events=40)
+    np.testing.assert_array_equal(blocks.features, whole.features)
+    np.testing.assert_array_equal(blocks.mask, whole.mask)
+    assert "s9999" not in set(whole.subject_id)
+    assert len(whole.features) == len(visits) - visits["subject_id"].nunique()
