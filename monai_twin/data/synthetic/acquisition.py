@@ -195,6 +195,24 @@ class AcquisitionTransform:
         moved += (centre + np.asarray(self.shift, dtype=np.float32)).reshape((-1,) + (1,) * self.ndim)
         return (moved - grid).astype(np.float32)
 
+    def inverse_displacement(self) -> np.ndarray:
+        """The push-forward ``v`` with ``aligned(q) = acquired(q + v(q)) / gain``, shape ``(ndim, *spatial_shape)``.
+
+        Exact for rigid acquisitions (all 3D ones, and 2D ones without compression or smooth
+        deformation); otherwise the fixed-point inverse of :meth:`displacement`.
+        """
+        if self.compression or self.deform_amplitude:
+            return invert_displacement(self.displacement())
+        shape = self.spatial_shape
+        grid = identity_grid(shape)
+        expand = (-1,) + (1,) * self.ndim
+        centre = ((np.asarray(shape, dtype=np.float32) - 1.0) / 2.0).reshape(expand)
+        shift = np.asarray(self.shift, dtype=np.float32).reshape(expand)
+        # acquired p samples aligned R (p - c) + c + t, so aligned q is seen at R^T (q - c - t) + c
+        rot_t = self._rotation_matrix().T.astype(np.float32)
+        source = np.tensordot(rot_t, grid - centre - shift, axes=1) + centre
+        return (source - grid).astype(np.float32)
+
     def gain_field(self) -> np.ndarray:
         """The multiplicative gain, shape ``spatial_shape`` float32 (constant in 2D)."""
         shape = self.spatial_shape
@@ -342,8 +360,8 @@ def invert_acquisition(
     Args:
         acquired: the acquired image, shape ``transform.spatial_shape``.
         transform: the acquisition that produced it.
-        displacement: the saved dense displacement (``(ndim, *spatial)``); rebuilt from the
-            parameters when ``None``.
+        displacement: the saved dense displacement (``(ndim, *spatial)``), inverted numerically;
+            when ``None`` the inverse comes from the parameters (exact for rigid acquisitions).
 
     Returns:
         the estimate of the aligned image, float32 (noise is not removed).
@@ -356,7 +374,10 @@ def invert_acquisition(
     acquired = np.asarray(acquired, dtype=np.float32)
     if acquired.shape != transform.spatial_shape:
         raise ValueError(f"acquired has shape {acquired.shape}, the transform expects {transform.spatial_shape}.")
-    u = transform.displacement() if displacement is None else np.asarray(displacement, dtype=np.float32)
+    if displacement is None:
+        inverse = transform.inverse_displacement()
+    else:
+        inverse = invert_displacement(np.asarray(displacement, dtype=np.float32))
     corrected = acquired / transform.gain_field()
-    positions = identity_grid(acquired.shape) + invert_displacement(u)
+    positions = identity_grid(acquired.shape) + inverse
     return warp(corrected, positions, order=3)

@@ -110,3 +110,14 @@ def test_noise_is_fixed_by_the_seed_and_air_stays_clean():
     # quantum-like 2D noise: none in air, about sigma * sqrt(signal) in tissue
     assert np.abs(a[:4, :4]).max() < 1e-6
     assert 0.5 * 0.05 * np.sqrt(0.5) < a[10:22, 10:22].std() < 1.5 * 0.05 * np.sqrt(0.5)
+
+
+@parameterized.expand([((40, 48),), ((20, 24, 16),)])
+def test_analytic_inverse_of_rigid_acquisitions_matches_the_fixed_point(shape):
+    rng = np.random.default_rng(3)
+    t = sample_acquisition(rng, shape, max_rotation_deg=6.0, max_shift=3.0, noise_sigma=0.0)
+    exact = t.inverse_displacement()
+    numeric = invert_displacement(t.displacement())
+    inner = (slice(None),) + tuple(slice(5, s - 5) for s in shape)
+    assert np.abs(exact[inner] - numeric[inner]).max() < 1e-3
+    assert np.abs(exact).max() > 0.5
