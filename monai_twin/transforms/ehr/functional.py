@@ -243,8 +243,17 @@ class EncodedEvents:
     rate: np.ndarray
 
 
-def encode_events(events: Any, vocab: EHRVocabulary, where: str = "events", check_units: bool = True) -> EncodedEvents:
+def encode_events(
+    events: Any,
+    vocab: EHRVocabulary,
+    where: str = "events",
+    check_units: bool = True,
+    index: np.ndarray | None = None,
+) -> EncodedEvents:
     """Validate and encode events with ``vocab`` (the input is not modified).
+
+    ``index`` may carry ``vocab.index(events["code"])`` computed beforehand (a caller encoding a
+    big table block by block hashes the code column once).
 
     Raises:
         TypeError: datetimes in ``time`` (naive, aware or mixed), booleans as values.
@@ -262,7 +271,7 @@ def encode_events(events: Any, vocab: EHRVocabulary, where: str = "events", chec
             None if cols["subject_id"] is None else cols["subject_id"].to_numpy(dtype=object),
             check=check_units,
         )
-    index = vocab.index(cols["code"])
+    index = vocab.index(cols["code"]) if index is None else np.asarray(index, dtype=np.intp)
     if vocab.settings["text_codes"] and cols["text_value"] is not None:
         # only text-only rows take the "<code>//<text>" form; re-index just those
         sel = np.isnan(values) & cols["text_value"].notna().to_numpy(dtype=bool)
@@ -689,7 +698,7 @@ def interval_feature_table(
     decay: float | None = None,
     fill_value: float = 0.0,
     check_units: bool = True,
-    chunk_events: int = 1 << 20,
+    chunk_events: int = 1 << 16,
 ) -> IntervalFeatureTable:
     """Interval features for every item of a cohort in one vectorised pass.
 
@@ -744,7 +753,7 @@ def interval_feature_table(
     def run(rows: slice | np.ndarray, g0: int, g1: int) -> None:
         # encode and aggregate the events of groups [g0, g1); their intervals are one row block
         part = events.iloc[rows]
-        enc = encode_events(part, vocab, check_units=check_units)
+        enc = encode_events(part, vocab, check_units=check_units, index=code_index[rows])
         group = e_code[rows]
         keep = np.flatnonzero((group >= 0) & np.isfinite(enc.time))
         index = enc.index[keep]
@@ -759,6 +768,8 @@ def interval_feature_table(
         except _ExposureError as err:
             raise ValueError(_exposure_message(err, vocab, str(uniques[g0 + err.group]))) from None
 
+    # hash the code column once for the whole table (int32 keeps it at 4 bytes a row)
+    code_index = vocab.index(events["code"]).astype(np.int32)
     grouped = e_code.size == 0 or ((e_code >= 0).all() and (e_code[1:] >= e_code[:-1]).all())
     if grouped and e_code.size > chunk_events:
         # events grouped by subject (a manifest's are): walk blocks of whole subjects of about
