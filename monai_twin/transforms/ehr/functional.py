@@ -36,7 +36,9 @@ since nothing was measured.
 No Python loop runs per event or per subject: events are sorted once by (subject, time) -- a
 table already in that order, as :func:`~monai_twin.data.load_manifest` returns it, is detected in
 O(N) and not re-sorted -- visits are located with a vectorised binary search, and the per
-(interval, code) reductions are ``ufunc.at`` scatters into dense tables.
+(interval, code) reductions are ``ufunc.at`` scatters into dense tables. For a whole cohort,
+:func:`interval_feature_table` runs this on blocks of whole subjects (~65 k events each), which
+keeps the temporaries small and the scatter tables in cache.
 """
 
 from __future__ import annotations
