@@ -83,7 +83,9 @@ def test_saved_displacement_and_gain_match_parameters(small_cohorts):
         acquired = np.asarray(nib.load(str(folder / row["image"])).get_fdata(dtype=np.float32))
         a = invert_acquisition(acquired, transform, displacement=saved)
         b = invert_acquisition(acquired, transform)
-        assert np.abs(a - b).max() < 0.02
+        # away from the border, where the numerical inverse of a clamped field is least exact
+        inner = tuple(slice(3, s - 3) for s in transform.spatial_shape)
+        assert np.abs(a - b)[inner].max() < 0.02
 
 
 def test_transform_json_round_trip_and_validation():
