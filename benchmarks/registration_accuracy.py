@@ -449,9 +449,20 @@ def run_memory(args) -> str:
     rows = []
     for method in MEMORY_METHODS:
         start = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, __file__, "--memory-child", method], capture_output=True, text=True, check=True
-        )
+        try:
+            proc = subprocess.run(
+                [sys.executable, __file__, "--memory-child", method],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=args.memory_timeout,
+            )
+        except subprocess.TimeoutExpired:
+            # the killed child is reaped by subprocess: its peak counts in RUSAGE_CHILDREN (a lower bound)
+            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+            rows.append([method, f">= {peak / 1024.0:.2f} (stopped after {args.memory_timeout:.0f} s)", "-", "-"])
+            print(f"  memory {method}: timed out, peak so far {peak:.0f} MB", file=sys.stderr)
+            continue
         seconds = time.perf_counter() - start
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append([method, res["peak_mb"] / 1024.0, (res["peak_mb"] - res["base_mb"]) / 1024.0, seconds])
@@ -467,6 +478,7 @@ def main() -> None:
     )
     parser.add_argument("--export-dir", default="/tmp/regpairs", help="pairs for the ANTs comparison")
     parser.add_argument("--subjects", type=int, default=4)
+    parser.add_argument("--memory-timeout", type=float, default=900.0, help="seconds per memory child")
     parser.add_argument("--runs", type=int, default=1, help="timed repetitions per pair (median)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--figure", default=None, help="PNG path for a mammography example figure")
