@@ -329,8 +329,12 @@ def load_mimic(
 
     Example::
 
-        mimic = load_mimic("../shared/data/mimic-iv-demo-2.2")
-        manifest = load_manifest(mimic_admission_visits(...), mimic.events, mimic.static, check_images="none")
+        mimic_dir = "../shared/data/mimic-iv-demo-2.2"
+        mimic = load_mimic(mimic_dir)
+        manifest = load_manifest(
+            mimic_admission_visits(mimic_dir), mimic.events, mimic.static,
+            check_images="none", single_visit_subjects="drop", unknown_subjects="drop",
+        )
     """
     known = ("labevents", "prescriptions", "omr")
     unknown = [t for t in tables if t not in known]
