@@ -756,14 +756,16 @@ def interval_feature_table(
         # encode and aggregate the events of groups [g0, g1); their intervals are one row block
         part = events.iloc[rows]
         enc = encode_events(part, vocab, check_units=check_units, index=code_index[rows])
-        group = e_code[rows]
-        keep = np.flatnonzero((group >= 0) & np.isfinite(enc.time))
-        index = enc.index[keep]
+        group, time, index, value, rate = e_code[rows] - g0, enc.time, enc.index, enc.value, enc.rate
+        usable = (group >= 0) & np.isfinite(time)
+        if not usable.all():  # static rows or unknown subjects: drop them (most blocks have none)
+            keep = np.flatnonzero(usable)
+            group, time, index, value, rate = group[keep], time[keep], index[keep], value[keep], rate[keep]
         r0, r1 = int(offsets[g0] - g0), int(offsets[g1] - g1)
         try:
             interval_features(
-                group[keep] - g0, enc.time[keep], vocab.feature_column[index], enc.value[keep],
-                vocab.exposure_column[index], enc.rate[keep], v_time_s[offsets[g0] : offsets[g1]],
+                group, time, vocab.feature_column[index], value,
+                vocab.exposure_column[index], rate, v_time_s[offsets[g0] : offsets[g1]],
                 offsets[g0 : g1 + 1] - offsets[g0], n_codes, n_exposure, out=(features[r0:r1], mask[r0:r1]),
                 **options,
             )  # fmt: skip
