@@ -88,7 +88,7 @@ class MRIROI3DConfig:
     treated_probability: float = 0.6
     dose_levels: tuple[float, ...] = (5.0, 10.0, 20.0)
     ec50: float = 10.0
-    noise_sigma: float = 0.01
+    noise_sigma: float = 0.006
     max_rotation_deg: float = 3.0
     max_shift_mm: float = 3.0
     bias_strength: float = 0.08

@@ -21,10 +21,10 @@ from monai_twin.data.synthetic import (
 from monai_twin.data.synthetic.acquisition import identity_grid, warp
 from tests.data.synthetic.conftest import CONFIGS
 
-# (kind, config) -- the 3D case uses 2 mm voxels: at 3 mm a 24^3 ROI is mostly partial volume
+# (kind, config): the 2D case small, the 3D case at the default 64^3 (a 3 mm 24^3 ROI is mostly partial volume)
 INVERSE_CASES = [
     ("mammo2d", CONFIGS["mammo2d"]),
-    ("mri_roi3d", MRIROI3DConfig(size=32, spacing_mm=2.0)),
+    ("mri_roi3d", MRIROI3DConfig()),
 ]
 
 
