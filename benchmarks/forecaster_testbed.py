@@ -38,11 +38,15 @@ def _aligned_images(cohort: Path) -> dict[tuple[str, int], np.ndarray]:
     return out
 
 
-def _samples(manifest, items, images, vocabulary, max_history):
+def _samples(manifest, items, images, vocabulary, max_history, carry_forward=False):
     from monai_twin.transforms.ehr import EHRStaticToTensord, EHRToIntervalFeaturesd
     from monai_twin.transforms.sequence import PadSequenced
 
-    encode = [EHRToIntervalFeaturesd(vocabulary), EHRStaticToTensord(vocabulary), PadSequenced(max_history)]
+    encode = [
+        EHRToIntervalFeaturesd(vocabulary, carry_forward=carry_forward),
+        EHRStaticToTensord(vocabulary),
+        PadSequenced(max_history),
+    ]
     out = []
     for item in items:
         j, n = item["target_index"], len(item["history"])
@@ -109,6 +113,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-history", type=int, default=4)
     parser.add_argument("--conditioning", nargs="+", default=["stfilm", "none"])
+    parser.add_argument(
+        "--carry-forward",
+        action="store_true",
+        help="carry the last value of each code into intervals without a new one (the dose in force)",
+    )
     parser.add_argument("--workdir", default=None, help="where to write the cohort (default: a temporary folder)")
     args = parser.parse_args()
 
@@ -143,6 +152,7 @@ def main() -> None:
             images,
             vocabulary,
             args.max_history,
+            args.carry_forward,
         )
         for name in ("training", "test")
     }

@@ -60,11 +60,12 @@ class TestEHREncoder:
         z = enc(times, iv, torch.ones(1, 2, 3), st)
         assert z.shape == (1, 2, 8)
         torch.testing.assert_close(enc(times, iv, None, st), z)
-        # a feature marked "not measured" is ignored whatever its value
+        # values and masks both reach the network: a carried-forward value (mask 0) is still seen
         masked = torch.tensor([[[1.0, 0, 1], [1, 1, 1]]])
         iv2 = iv.clone()
         iv2[0, 0, 1] = 99.0
-        torch.testing.assert_close(enc(times, iv2, masked, st), enc(times, iv, masked, st))
+        assert not torch.allclose(enc(times, iv2, masked, st), enc(times, iv, masked, st))
+        assert not torch.allclose(enc(times, iv, masked, st), z)
 
     @parameterized.expand(
         [

@@ -16,7 +16,11 @@ __all__ = ["EHREncoder"]
 
 
 class EHREncoder(nn.Module):
-    """MLP embedding ``[intervals * mask, mask, static, log1p(times / time_scale)]`` per time step.
+    """MLP embedding ``[intervals, mask, static, log1p(times / time_scale)]`` per time step.
+
+    Values and masks enter side by side rather than masked: the EHR transforms fill unmeasured
+    features with 0 by default, and with ``carry_forward=True`` an unmeasured feature holds the
+    value still in force (a dose), which the network must see.
 
     Args:
         interval_dim: ``F``, features per interval (0: no interval features).
@@ -86,7 +90,7 @@ class EHREncoder(nn.Module):
                 raise ValueError(
                     f"ehr_intervals_mask must have the shape of ehr_intervals {list(ehr_intervals.shape)}, got {list(mask.shape)}."
                 )
-            parts += [ehr_intervals * mask, mask]
+            parts += [ehr_intervals, mask]
         if self.static_dim > 0:
             if ehr_static is None:
                 raise ValueError(f"ehr_static (B, {self.static_dim}) is required by this encoder.")
