@@ -1,4 +1,9 @@
-"""monai_twin transforms, MONAI-style: array transforms and their dictionary (``...d``) wrappers."""
+"""monai_twin transforms, MONAI-style: array transforms and their dictionary (``...d``) wrappers.
+
+- :mod:`.ehr` -- EHR tables to tensors (fitted vocabulary, interval features, event tokens, static)
+- :mod:`.registration` -- longitudinal registration (SimpleITK, learned VoxelMorph) and its QC
+- :mod:`.sequence` -- load a visit history as one tensor, pad per-visit keys
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,30 @@ from .ehr import (
     EHRToIntervalFeaturesDict,
     EHRVocabulary,
 )
+from .registration import (
+    Register,
+    RegisterD,
+    Registerd,
+    RegisterDict,
+    RegisterSequence,
+    RegisterSequenceD,
+    RegisterSequenced,
+    RegisterSequenceDict,
+    RegistrationQuality,
+    RegistrationQualityD,
+    RegistrationQualityd,
+    RegistrationQualityDict,
+)
+from .sequence import (
+    LoadSequence,
+    LoadSequenceD,
+    LoadSequenced,
+    LoadSequenceDict,
+    PadSequence,
+    PadSequenceD,
+    PadSequenced,
+    PadSequenceDict,
+)
 
 __all__ = [
     "EHRStaticToTensor",
@@ -32,4 +61,24 @@ __all__ = [
     "EHRToIntervalFeaturesDict",
     "EHRToIntervalFeaturesd",
     "EHRVocabulary",
+    "LoadSequence",
+    "LoadSequenceD",
+    "LoadSequenceDict",
+    "LoadSequenced",
+    "PadSequence",
+    "PadSequenceD",
+    "PadSequenceDict",
+    "PadSequenced",
+    "Register",
+    "RegisterD",
+    "RegisterDict",
+    "RegisterSequence",
+    "RegisterSequenceD",
+    "RegisterSequenceDict",
+    "RegisterSequenced",
+    "Registerd",
+    "RegistrationQuality",
+    "RegistrationQualityD",
+    "RegistrationQualityDict",
+    "RegistrationQualityd",
 ]
