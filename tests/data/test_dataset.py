@@ -203,37 +203,38 @@ class TestWithMonai:
             collate_longitudinal([])
 
 
+@pytest.fixture(scope="module")
+def mimic_manifest(mimic_dir, tmp_path_factory):
+    hosp = mimic_dir / "hosp"
+    admissions = pd.read_csv(hosp / "admissions.csv.gz", usecols=["subject_id", "admittime"])
+    labs = pd.read_csv(
+        hosp / "labevents.csv.gz", usecols=["subject_id", "itemid", "charttime", "value", "valuenum", "valueuom"]
+    )
+    items = pd.read_csv(hosp / "d_labitems.csv.gz", usecols=["itemid", "label"])
+    patients = pd.read_csv(hosp / "patients.csv.gz", usecols=["subject_id", "gender", "anchor_age", "anchor_year"])
+    # an admission is a "visit" here; its image is a small stand-in volume (MIMIC has no scans)
+    folder = tmp_path_factory.mktemp("mimic")
+    image = write_nifti(folder / "scan.nii.gz", np.zeros((8, 8, 4)))
+    visits = admissions.drop_duplicates(["subject_id", "admittime"]).rename(columns={"admittime": "time"})
+    visits["image"] = str(image)
+    labs = labs.merge(items, on="itemid", how="left")
+    events = pd.DataFrame(
+        {
+            "subject_id": labs["subject_id"],
+            "time": labs["charttime"],
+            "code": "LAB//" + labs["itemid"].astype(str) + "//" + labs["label"].fillna("?"),
+            "numeric_value": labs["valuenum"],
+            "text_value": labs["value"].where(labs["valuenum"].isna()),
+            "unit": labs["valueuom"],
+        }
+    )
+    static = patients.rename(columns={"gender": "sex"})
+    return {"visits": visits, "events": events, "static": static, "labs": labs}
+
+
 @pytest.mark.mimic
 class TestMimicDemo:
     """The manifest and dataset on real EHR: MIMIC-IV demo admissions as visits, labs as events."""
-
-    @pytest.fixture(scope="class")
-    def mimic_manifest(self, mimic_dir, tmp_path_factory):
-        hosp = mimic_dir / "hosp"
-        admissions = pd.read_csv(hosp / "admissions.csv.gz", usecols=["subject_id", "admittime"])
-        labs = pd.read_csv(
-            hosp / "labevents.csv.gz", usecols=["subject_id", "itemid", "charttime", "value", "valuenum", "valueuom"]
-        )
-        items = pd.read_csv(hosp / "d_labitems.csv.gz", usecols=["itemid", "label"])
-        patients = pd.read_csv(hosp / "patients.csv.gz", usecols=["subject_id", "gender", "anchor_age", "anchor_year"])
-        # an admission is a "visit" here; its image is a small stand-in volume (MIMIC has no scans)
-        folder = tmp_path_factory.mktemp("mimic")
-        image = write_nifti(folder / "scan.nii.gz", np.zeros((8, 8, 4)))
-        visits = admissions.drop_duplicates(["subject_id", "admittime"]).rename(columns={"admittime": "time"})
-        visits["image"] = str(image)
-        labs = labs.merge(items, on="itemid", how="left")
-        events = pd.DataFrame(
-            {
-                "subject_id": labs["subject_id"],
-                "time": labs["charttime"],
-                "code": "LAB//" + labs["itemid"].astype(str) + "//" + labs["label"].fillna("?"),
-                "numeric_value": labs["valuenum"],
-                "text_value": labs["value"].where(labs["valuenum"].isna()),
-                "unit": labs["valueuom"],
-            }
-        )
-        static = patients.rename(columns={"gender": "sex"})
-        return {"visits": visits, "events": events, "static": static, "labs": labs}
 
     def test_strict_load_reports_real_problems(self, mimic_manifest):
         t = mimic_manifest
