@@ -292,10 +292,10 @@ def _init_mode(init: str):
     return modes[init]
 
 
-def _run_linear(stage, fixed, moving, previous, options: dict[str, Any], fixed_mask, moving_mask):
+def _metric_method(fixed, options: dict[str, Any], fixed_mask, moving_mask):
+    """An ``ImageRegistrationMethod`` with the metric, its sampling, the interpolator and the masks set."""
     import SimpleITK as sitk
 
-    ndim = fixed.GetDimension()
     method = sitk.ImageRegistrationMethod()
     _set_metric(method, options["metric"], options["bins"])
     fraction = _sampling_fraction(options["sampling_percentage"], fixed.GetNumberOfPixels(), options["max_samples"])
@@ -307,6 +307,13 @@ def _run_linear(stage, fixed, moving, previous, options: dict[str, Any], fixed_m
         method.SetMetricFixedMask(fixed_mask)
     if moving_mask is not None:
         method.SetMetricMovingMask(moving_mask)
+    return method
+
+
+def _run_linear(stage, fixed, moving, previous, options: dict[str, Any], fixed_mask, moving_mask):
+
+    ndim = fixed.GetDimension()
+    method = _metric_method(fixed, options, fixed_mask, moving_mask)
     method.SetOptimizerAsRegularStepGradientDescent(
         learningRate=1.0,
         minStep=1e-4,
@@ -336,17 +343,7 @@ def _run_bspline(fixed, moving, options: dict[str, Any], fixed_mask, moving_mask
         raise ValueError(f"bspline_spacing must be > 0 voxels, got {spacing_vox}.")
     mesh = [max(1, int(round(n / spacing_vox))) for n in fixed.GetSize()]
     tx = sitk.BSplineTransformInitializer(fixed, mesh, order=3)
-    method = sitk.ImageRegistrationMethod()
-    _set_metric(method, options["metric"], options["bins"])
-    fraction = _sampling_fraction(options["sampling_percentage"], fixed.GetNumberOfPixels(), options["max_samples"])
-    if fraction < 1.0:
-        method.SetMetricSamplingStrategy(method.RANDOM)
-        method.SetMetricSamplingPercentage(fraction, seed=int(options["seed"]))
-    method.SetInterpolator(sitk.sitkLinear)
-    if fixed_mask is not None:
-        method.SetMetricFixedMask(fixed_mask)
-    if moving_mask is not None:
-        method.SetMetricMovingMask(moving_mask)
+    method = _metric_method(fixed, options, fixed_mask, moving_mask)
     method.SetOptimizerAsLBFGSB(
         gradientConvergenceTolerance=1e-6,
         numberOfIterations=int(options["bspline_iterations"]),
