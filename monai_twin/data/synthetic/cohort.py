@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from . import mammo2d, mri_roi3d
-from .acquisition import AcquisitionTransform, apply_acquisition, identity_grid, sample_acquisition, warp
+from .acquisition import AcquisitionTransform, apply_acquisition, identity_grid, warp
 from .subject import (
     DoseSchedule,
     SyntheticSubject,
@@ -163,30 +163,9 @@ def _acquisition_for(subject: SyntheticSubject, k: int) -> AcquisitionTransform:
     if k < len(subject.acquisitions):
         return subject.acquisitions[k]
     # extra times (e.g. a forecast date): a fresh acquisition from a stream of its own
-    reference = subject.acquisitions[0]
     rng = np.random.default_rng([subject.seed, subject.index, 3, k])
-    cfg = subject.config
-    mm = 1.0 / cfg.spacing
-    if subject.kind == "mammo2d":
-        return sample_acquisition(
-            rng,
-            reference.spatial_shape,
-            max_rotation_deg=cfg.max_rotation_deg,
-            max_shift=cfg.max_shift_mm * mm,
-            noise_sigma=cfg.noise_sigma,
-            compression=cfg.compression,
-            deform_amplitude=cfg.deform_mm * mm,
-            gain_range=cfg.gain_range,
-        )
-    return sample_acquisition(
-        rng,
-        reference.spatial_shape,
-        max_rotation_deg=cfg.max_rotation_deg,
-        max_shift=cfg.max_shift_mm * mm,
-        noise_sigma=cfg.noise_sigma,
-        gain_range=cfg.gain_range,
-        bias_strength=cfg.bias_strength,
-    )
+    module = mammo2d if subject.kind == "mammo2d" else mri_roi3d
+    return module.sample_visit_acquisition(rng, subject.config)
 
 
 def _render_visit(subject: SyntheticSubject, row: pd.Series, k: int):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .acquisition import identity_grid, sample_acquisition, smooth_random_field
+from .acquisition import AcquisitionTransform, identity_grid, sample_acquisition, smooth_random_field
 from .subject import DoseSchedule, SyntheticSubject, sample_dose_schedule, sample_lab_plan, sample_visit_days
 
 __all__ = [
@@ -109,6 +109,21 @@ class Mammo2DConfig:
         return (self.size, self.size)
 
 
+def sample_visit_acquisition(rng: np.random.Generator, config: Mammo2DConfig) -> AcquisitionTransform:
+    """One visit's acquisition (compression, deformation, rotation, shift, gain, noise) under ``config``."""
+    mm = 1.0 / config.spacing
+    return sample_acquisition(
+        rng,
+        config.spatial_shape,
+        max_rotation_deg=config.max_rotation_deg,
+        max_shift=config.max_shift_mm * mm,
+        noise_sigma=config.noise_sigma,
+        compression=config.compression,
+        deform_amplitude=config.deform_mm * mm,
+        gain_range=config.gain_range,
+    )
+
+
 def sample_mammo2d_subject(index: int, seed: int = 0, config: Mammo2DConfig | None = None) -> SyntheticSubject:
     """Draw the plan of one mammography subject.
 
@@ -154,20 +169,7 @@ def sample_mammo2d_subject(index: int, seed: int = 0, config: Mammo2DConfig | No
         extra_per_interval=0.7,
         origin_clock_minutes=clock0,
     )
-    mm = 1.0 / config.spacing
-    acquisitions = tuple(
-        sample_acquisition(
-            acq_rng,
-            config.spatial_shape,
-            max_rotation_deg=config.max_rotation_deg,
-            max_shift=config.max_shift_mm * mm,
-            noise_sigma=config.noise_sigma,
-            compression=config.compression,
-            deform_amplitude=config.deform_mm * mm,
-            gain_range=config.gain_range,
-        )
-        for _ in visit_days
-    )
+    acquisitions = tuple(sample_visit_acquisition(acq_rng, config) for _ in visit_days)
     birth_year = int(origin.year - np.floor(age0))
     return SyntheticSubject(
         kind="mammo2d",

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .acquisition import identity_grid, sample_acquisition, smooth_random_field, warp
+from .acquisition import AcquisitionTransform, identity_grid, sample_acquisition, smooth_random_field, warp
 from .subject import DoseSchedule, SyntheticSubject, sample_dose_schedule, sample_lab_plan, sample_visit_days
 
 __all__ = [
@@ -147,6 +147,20 @@ def _templates() -> tuple[dict[str, np.ndarray], np.ndarray]:
     return maps, images["t1"].affine
 
 
+def sample_visit_acquisition(rng: np.random.Generator, config: MRIROI3DConfig) -> AcquisitionTransform:
+    """One visit's acquisition (rigid misalignment, bias field, gain, noise) under ``config``."""
+    mm = 1.0 / config.spacing_mm
+    return sample_acquisition(
+        rng,
+        config.spatial_shape,
+        max_rotation_deg=config.max_rotation_deg,
+        max_shift=config.max_shift_mm * mm,
+        noise_sigma=config.noise_sigma,
+        gain_range=config.gain_range,
+        bias_strength=config.bias_strength,
+    )
+
+
 def sample_mri_roi3d_subject(index: int, seed: int = 0, config: MRIROI3DConfig | None = None) -> SyntheticSubject:
     """Draw the plan of one MRI subject.
 
@@ -200,19 +214,7 @@ def sample_mri_roi3d_subject(index: int, seed: int = 0, config: MRIROI3DConfig |
         extra_per_interval=0.3,
         origin_clock_minutes=clock0,
     )
-    mm = 1.0 / config.spacing_mm
-    acquisitions = tuple(
-        sample_acquisition(
-            acq_rng,
-            config.spatial_shape,
-            max_rotation_deg=config.max_rotation_deg,
-            max_shift=config.max_shift_mm * mm,
-            noise_sigma=config.noise_sigma,
-            gain_range=config.gain_range,
-            bias_strength=config.bias_strength,
-        )
-        for _ in visit_days
-    )
+    acquisitions = tuple(sample_visit_acquisition(acq_rng, config) for _ in visit_days)
     return SyntheticSubject(
         kind="mri_roi3d",
         subject_id=f"P{index:04d}",
