@@ -394,18 +394,7 @@ class Register(InvertibleTransform):
         if self.nan_fill is not None and values.dtype.is_floating_point:
             # the same replacement the registration saw, so no NaN spreads through interpolation
             values = torch.where(torch.isfinite(values), values, torch.as_tensor(self.nan_fill, dtype=values.dtype))
-        data = resample_through(
-            values,
-            record["src_affine"],
-            record["dst_affine"],
-            record["dst_shape"],
-            record["matrix"],
-            record["displacement"],
-            mode=mode,
-            padding_mode=padding_mode,
-        )
-        if not src.dtype.is_floating_point and mode == "nearest":
-            data = data.round().to(src.dtype)
+        data = _replay(values, record, mode, padding_mode, src.dtype)
         out = _with_grid(data, src, record["dst_affine"])
         info = dict(record)
         info.update(mode=mode, padding_mode=padding_mode)
@@ -455,6 +444,23 @@ def _detached_history(data: MetaTensor) -> MetaTensor:
     out = MetaTensor(data.as_tensor(), meta=copy.copy(data.meta))
     out.applied_operations = list(data.applied_operations)
     return out
+
+
+def _replay(values: torch.Tensor, record: Mapping[str, Any], mode: str, padding_mode: str, dtype) -> torch.Tensor:
+    """Resample ``values`` through a recorded registration; labels resampled with ``nearest`` keep their dtype."""
+    data = resample_through(
+        values,
+        record["src_affine"],
+        record["dst_affine"],
+        record["dst_shape"],
+        record["matrix"],
+        record["displacement"],
+        mode=mode,
+        padding_mode=padding_mode,
+    )
+    if not dtype.is_floating_point and mode == "nearest":
+        data = data.round().to(dtype)
+    return data
 
 
 def _with_grid(data: torch.Tensor, like: MetaTensor, affine: torch.Tensor) -> MetaTensor:
@@ -672,18 +678,7 @@ class RegisterSequence(InvertibleTransform):
                 raise ValueError(
                     f"visit {t} has spatial shape {tuple(visit.shape[1:])}, the record expects {rec['src_shape']}."
                 )
-            out = resample_through(
-                visit.as_tensor(),
-                rec["src_affine"],
-                rec["dst_affine"],
-                rec["dst_shape"],
-                rec["matrix"],
-                rec["displacement"],
-                mode=mode,
-                padding_mode=padding_mode,
-            )
-            if not visit.dtype.is_floating_point and mode == "nearest":
-                out = out.round().to(visit.dtype)
+            out = _replay(visit.as_tensor(), rec, mode, padding_mode, visit.dtype)
             outs.append(out)
         ref = record["reference"]
         out = _with_grid(torch.stack(outs), visits[ref], record["visits"][ref]["dst_affine"])
