@@ -21,6 +21,7 @@ from torch import nn
 from ..blocks.convlstm import ConvLSTM
 from ..blocks.ehr_encoder import EHREncoder
 from ..blocks.film import FiLM, STFiLM
+from .forecast_inputs import check_forecast_inputs, last_visit_index
 
 __all__ = ["CONDITIONING", "TwinForecaster"]
 
@@ -153,27 +154,11 @@ class TwinForecaster(nn.Module):
             )
 
     def _check_inputs(self, history: torch.Tensor, times: torch.Tensor, mask: torch.Tensor) -> None:
-        if history.dim() != self.spatial_dims + 3:
-            raise ValueError(
-                f"history must have shape (B, T, C, *{self.spatial_dims} spatial dims), got {list(history.shape)}."
-            )
-        if history.shape[2] != self.in_channels:
-            raise ValueError(f"history has {history.shape[2]} channels, expected in_channels={self.in_channels}.")
-        b, t = history.shape[0], history.shape[1]
-        if t > self.max_history:
-            raise ValueError(f"history has T={t} visits, more than max_history={self.max_history}.")
+        check_forecast_inputs(history, times, mask, self.spatial_dims, self.in_channels, self.max_history)
         factor = 2 ** (self.levels - 1)
         for size in history.shape[3:]:
             if size % factor != 0:
                 raise ValueError(f"spatial size {list(history.shape[3:])} must be divisible by {factor}.")
-        if times.dim() != 2 or times.shape[0] != b or times.shape[1] != t:
-            raise ValueError(f"times must have shape (B, T) = ({b}, {t}) to match history, got {list(times.shape)}.")
-        if mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] != t:
-            raise ValueError(f"history_mask must have shape (B, T) = ({b}, {t}), got {list(mask.shape)}.")
-        if bool((mask.sum(dim=1) == 0).any()):
-            raise ValueError("history_mask marks every visit of a sample as padding; each sample needs a prior scan.")
-        if bool(torch.isnan(history).any()) or bool(torch.isnan(times).any()):
-            raise ValueError("history or times contains NaN.")
 
     def _gaps(self, times: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Days from each real visit to the next real one, the last reaching the target (scaled)."""
@@ -216,8 +201,7 @@ class TwinForecaster(nn.Module):
         _, (h, _c) = self.lstm(feats, mask, self._gaps(times, mask))
 
         # the last real visit of each sample (real visits are contiguous)
-        order = torch.arange(1, t + 1, device=mask.device, dtype=mask.dtype).unsqueeze(0)
-        last = torch.argmax(mask * order, dim=1)
+        last = last_visit_index(mask)
         rows = torch.arange(b, device=history.device)
         last_skips = [s.reshape([b, t] + list(s.shape[1:]))[rows, last] for s in skips]
         y = self.bridge(torch.cat([h, last_skips[-1]], dim=1))

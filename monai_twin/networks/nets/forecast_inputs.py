@@ -1,0 +1,54 @@
+"""Input checks shared by the forecasting twins (:class:`TwinForecaster`, :class:`ViViTTwin`).
+
+Every twin takes the same tensors (``history (B, T, C, *spatial)``, ``times (B, T)``,
+``history_mask (B, T)`` and the EHR tensors, the latter checked by :class:`EHREncoder`), so the
+errors a user sees for a bad batch are the same whichever network they swap in. Both functions are
+TorchScript-compatible so scripted twins keep the checks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["check_forecast_inputs", "last_visit_index"]
+
+
+def check_forecast_inputs(
+    history: torch.Tensor,
+    times: torch.Tensor,
+    mask: torch.Tensor,
+    spatial_dims: int,
+    in_channels: int,
+    max_history: int,
+) -> None:
+    """Raise a ``ValueError`` naming the argument and the expected shape when a forecast input is wrong.
+
+    Args:
+        history: ``(B, T, C, *spatial)`` prior scans.
+        times: ``(B, T)`` days from each prior visit to the target.
+        mask: ``(B, T)`` history mask (1 real visit, 0 padding), as a float tensor.
+        spatial_dims: 2 or 3.
+        in_channels: expected ``C``.
+        max_history: most visits accepted.
+    """
+    if history.dim() != spatial_dims + 3:
+        raise ValueError(f"history must have shape (B, T, C, *{spatial_dims} spatial dims), got {list(history.shape)}.")
+    if history.shape[2] != in_channels:
+        raise ValueError(f"history has {history.shape[2]} channels, expected in_channels={in_channels}.")
+    b, t = history.shape[0], history.shape[1]
+    if t > max_history:
+        raise ValueError(f"history has T={t} visits, more than max_history={max_history}.")
+    if times.dim() != 2 or times.shape[0] != b or times.shape[1] != t:
+        raise ValueError(f"times must have shape (B, T) = ({b}, {t}) to match history, got {list(times.shape)}.")
+    if mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] != t:
+        raise ValueError(f"history_mask must have shape (B, T) = ({b}, {t}), got {list(mask.shape)}.")
+    if bool((mask.sum(dim=1) == 0).any()):
+        raise ValueError("history_mask marks every visit of a sample as padding; each sample needs a prior scan.")
+    if bool(torch.isnan(history).any()) or bool(torch.isnan(times).any()):
+        raise ValueError("history or times contains NaN.")
+
+
+def last_visit_index(mask: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` index of the last real visit of each sample (real visits are contiguous from slot 0)."""
+    order = torch.arange(1, mask.shape[1] + 1, device=mask.device, dtype=mask.dtype).unsqueeze(0)
+    return torch.argmax(mask * order, dim=1)
