@@ -8,6 +8,7 @@ from .dataset import (
     forecast_item,
     split_subjects,
 )
+from .events import edit_events, running_dose
 from .manifest import (
     EVENT_COLUMNS,
     STATIC_COLUMNS,
@@ -31,9 +32,11 @@ __all__ = [
     "ManifestProblem",
     "build_longitudinal_items",
     "collate_longitudinal",
+    "edit_events",
     "forecast_item",
     "load_manifest",
     "manifest_summary",
     "read_table",
+    "running_dose",
     "split_subjects",
 ]

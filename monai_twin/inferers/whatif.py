@@ -17,54 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.events import edit_events
+
 __all__ = ["WhatIfInferer", "edit_events", "save_what_if_png"]
 
 #: Keys the network receives as keyword arguments when present in a preprocessed sample.
 _CONDITION_KEYS = ("times", "history_mask", "ehr_intervals", "ehr_intervals_mask", "ehr_static")
-
-
-def edit_events(
-    events: Mapping[str, np.ndarray],
-    code: str,
-    *,
-    scale: float | None = None,
-    value: float | None = None,
-    after: float = -np.inf,
-    before: float = np.inf,
-) -> dict[str, np.ndarray]:
-    """A copy of an item's ``events`` with the values of ``code`` changed in ``[after, before)`` days.
-
-    Args:
-        events: the item's events (dict of arrays, as made by ``build_longitudinal_items`` /
-            ``forecast_item``); never modified.
-        code: the event code to edit, e.g. ``"DRUG//tamoxifen"``.
-        scale: multiply the values (``0.5`` halves a dose).
-        value: set the values (``0`` stops a drug).
-        after, before: the time window in the subject's days (default: every event of the code).
-
-    Raises:
-        ValueError: neither or both of ``scale`` and ``value`` given, or no event of ``code`` in
-            the window (an edit that changes nothing is almost always a mistake).
-
-    Example::
-
-        halved = edit_events(item["events"], "DRUG//tamoxifen", scale=0.5, after=item["history_times"][-1])
-    """
-    if (scale is None) == (value is None):
-        raise ValueError("give exactly one of scale= or value=.")
-    times = np.asarray(events["time"], dtype=np.float64)
-    codes = np.asarray(events["code"], dtype=object)
-    hit = (codes == code) & (times >= after) & (times < before)
-    if not hit.any():
-        present = sorted({str(c) for c in codes})
-        raise ValueError(
-            f"no event with code {code!r} between day {after} and day {before}; codes present: {present[:10]}"
-        )
-    out = {k: np.array(v, copy=True) for k, v in events.items()}
-    values = out["numeric_value"].astype(np.float64)
-    values[hit] = values[hit] * scale if scale is not None else float(value)
-    out["numeric_value"] = values
-    return out
 
 
 class WhatIfInferer:

@@ -191,9 +191,10 @@ def resimulate(
     Args:
         subject: the subject (:func:`simulate_subject` or :func:`load_subject`).
         edited_events: an events table (``time``, ``code``, ``numeric_value``; ``time`` as
-            datetimes or days since the first visit) whose rows with the subject's drug code
-            define the new schedule -- a dose (mg/day) from each row's time on, 0 = stop; a table
-            without drug rows means never treated. Other rows are measurements and are ignored.
+            datetimes or days since the first visit) whose drug rows define the new schedule:
+            ``<drug>//START`` / ``//STOP`` events as recorded, or rows with the bare drug code,
+            each a dose (mg/day) from its time on, 0 = stop; a table without drug rows means never
+            treated. Other rows are measurements and are ignored.
         days: times to image (days since the first visit); default the visit days. Times past
             the last visit get acquisitions of their own.
 
@@ -205,8 +206,8 @@ def resimulate(
 
         subject = load_subject("cohort/", "P0003")
         events = resimulate(subject).events
-        halved = events.assign(numeric_value=events["numeric_value"].where(
-            events["code"] != subject.drug_code, events["numeric_value"] / 2))
+        events = events.assign(time=subject.to_days(events["time"]))
+        halved = pd.DataFrame(edit_events(events, subject.drug_code, scale=0.5))  # monai_twin.data.edit_events
         what_if = resimulate(subject, halved)
     """
     sim = _simulator(subject.kind)

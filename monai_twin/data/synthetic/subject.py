@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..events import running_dose
 from .acquisition import AcquisitionTransform
 
 __all__ = [
@@ -304,18 +305,41 @@ def sample_lab_plan(
     return LabPlan(code=code, unit=unit, days=days, z=rng.standard_normal(days.size))
 
 
+START, STOP = "//START", "//STOP"
+
+
+def _exposure_rows(code: str, schedule: DoseSchedule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A dose schedule as ``<code>//STOP`` (old dose) / ``<code>//START`` (new dose) events."""
+    previous = np.concatenate([[0.0], schedule.doses[:-1]])
+    days, codes, doses = [], [], []
+    for day, old, new in zip(schedule.days, previous, schedule.doses):
+        if old == new:
+            continue
+        if old > 0:
+            days.append(day), codes.append(code + STOP), doses.append(old)
+        if new > 0:
+            days.append(day), codes.append(code + START), doses.append(new)
+    return np.asarray(days, dtype=np.float64), np.asarray(codes, dtype=object), np.asarray(doses, dtype=np.float64)
+
+
 def build_events(subject: SyntheticSubject, schedule: DoseSchedule, measured: Mapping[str, np.ndarray]) -> pd.DataFrame:
-    """The events table of one subject: dose changes and measured labs, sorted by time.
+    """The events table of one subject: the drug as start/stop events and the measured labs, by time.
+
+    The drug follows the exposure convention of the EHR transforms (and of the MIMIC loader): a
+    dose change from ``a`` to ``b`` mg/day is ``<drug>//STOP`` with value ``a`` and
+    ``<drug>//START`` with value ``b`` at the same time; a first start has no stop, a final stop
+    no start.
 
     Args:
         subject: the subject.
         schedule: the drug schedule to record.
         measured: measured values per lab code, aligned with that lab plan's ``days``.
     """
-    times = [schedule.days]
-    codes = [np.full(len(schedule.days), subject.drug_code, dtype=object)]
-    values = [schedule.doses]
-    units = [np.full(len(schedule.days), subject.drug_unit, dtype=object)]
+    drug_days, drug_codes, drug_doses = _exposure_rows(subject.drug_code, schedule)
+    times = [drug_days]
+    codes = [drug_codes]
+    values = [drug_doses]
+    units = [np.full(len(drug_days), subject.drug_unit, dtype=object)]
     for plan in subject.labs:
         times.append(plan.days)
         codes.append(np.full(len(plan.days), plan.code, dtype=object))
@@ -335,10 +359,18 @@ def build_events(subject: SyntheticSubject, schedule: DoseSchedule, measured: Ma
 
 
 def schedule_from_events(subject: SyntheticSubject, events: pd.DataFrame | None) -> DoseSchedule:
-    """The drug schedule held in an events table (rows with the subject's drug code).
+    """The drug schedule held in an events table.
+
+    The drug may be written either way (not both in one table):
+
+    * ``<drug>//START`` / ``<drug>//STOP`` events with the daily dose as value -- what
+      :func:`build_events` writes and :func:`~monai_twin.data.edit_events` edits;
+    * rows with the bare drug code, each the new daily dose from its time on (0 = stop) -- handy
+      for writing a schedule by hand.
 
     ``time`` may hold datetimes or numbers of days since the first visit. Rows of other codes
-    (measurements) do not change the biology and are ignored.
+    (measurements) do not change the biology and are ignored; a table without drug rows means
+    never treated.
     """
     if events is None:
         return subject.schedule
@@ -347,7 +379,15 @@ def schedule_from_events(subject: SyntheticSubject, events: pd.DataFrame | None)
     missing = [c for c in ("time", "code", "numeric_value") if c not in events.columns]
     if missing:
         raise ValueError(f"edited_events is missing column(s) {missing}; expected time, code, numeric_value.")
-    rows = events[events["code"].astype("string") == subject.drug_code]
+    code = events["code"].astype("string")
+    drug = subject.drug_code
+    bare = (code == drug).fillna(False).to_numpy(dtype=bool)
+    paired = code.isin([drug + START, drug + STOP]).fillna(False).to_numpy(dtype=bool)
+    if bare.any() and paired.any():
+        raise ValueError(
+            f"edited_events mixes bare {drug!r} rows with {drug + START!r}/{drug + STOP!r} rows; use one form."
+        )
+    rows = events[bare | paired]
     if "subject_id" in rows.columns:
         other = rows["subject_id"].astype("string") != subject.subject_id
         if other.any():
@@ -357,8 +397,14 @@ def schedule_from_events(subject: SyntheticSubject, events: pd.DataFrame | None)
             )
     doses = rows["numeric_value"].to_numpy(dtype=np.float64, copy=True)
     if np.any(np.isnan(doses)):
-        raise ValueError(f"edited_events: {subject.drug_code} rows need a numeric_value (dose in mg/day).")
-    return DoseSchedule(subject.to_days(rows["time"]), doses)
+        raise ValueError(f"edited_events: {drug} rows need a numeric_value (dose in mg/day).")
+    days = subject.to_days(rows["time"])
+    if bare.any():
+        return DoseSchedule(days, doses)
+    change_days, level = running_dose(
+        {"time": days, "code": rows["code"].astype(str).to_numpy(dtype=object), "numeric_value": doses}, drug
+    )
+    return DoseSchedule(change_days, level)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 from monai.transforms import LoadImage
 from parameterized import parameterized
 
-from monai_twin.data import LongitudinalDataset, load_manifest
+from monai_twin.data import LongitudinalDataset, edit_events, load_manifest
 from monai_twin.data.synthetic import (
     Mammo2DConfig,
     load_subject,
@@ -18,6 +18,7 @@ from monai_twin.data.synthetic import (
     simulate_subject,
     write_cohort,
 )
+from monai_twin.data.synthetic.subject import schedule_from_events
 from tests.data.synthetic.conftest import CONFIGS, N_SUBJECTS
 
 KINDS = [("mammo2d",), ("mri_roi3d",)]
@@ -63,9 +64,15 @@ def test_cohort_passes_manifest_validation_and_loads(small_cohorts):
 def test_events_hold_dose_changes_and_labs_at_their_own_times(small_cohorts):
     events = pd.read_parquet(small_cohorts["mammo2d"] / "events.parquet")
     visits = pd.read_parquet(small_cohorts["mammo2d"] / "visits.parquet")
-    drug = events[events["code"] == "DRUG//tamoxifen"]
-    assert (drug["unit"] == "mg/day").all() and (drug["numeric_value"] >= 0).all()
-    assert drug["numeric_value"].gt(0).any()
+    drug = events[events["code"].str.startswith("DRUG//tamoxifen")]
+    # the drug follows the exposure convention of the EHR transforms: start/stop events with the dose
+    assert set(drug["code"]) == {"DRUG//tamoxifen//START", "DRUG//tamoxifen//STOP"}
+    assert (drug["unit"] == "mg/day").all() and drug["numeric_value"].gt(0).all()
+    # per subject the running dose never drops below zero and each stop closes an earlier start
+    for _, rows in drug.groupby("subject_id"):
+        signed = np.where(rows["code"].str.endswith("//START"), 1.0, -1.0) * rows["numeric_value"].to_numpy()
+        running = pd.Series(signed).groupby(rows["time"].to_numpy()).sum().cumsum()
+        assert running.min() >= -1e-9
     labs = events[events["code"] == "LAB//CA15-3"]
     assert labs["numeric_value"].between(5, 200).all()
     # some labs fall between visits (more than three hours from every scan)
@@ -74,7 +81,9 @@ def test_events_hold_dose_changes_and_labs_at_their_own_times(small_cohorts):
     nearest = np.abs(lab_t - visit_t).min(1) / np.timedelta64(1, "h")
     assert (nearest > 3).any() and (nearest <= 3).any()
     mri = pd.read_parquet(small_cohorts["mri_roi3d"] / "events.parquet")
-    assert {"DRUG//anti-amyloid", "LAB//amyloid-SUVR", "SCORE//MMSE"} >= set(mri["code"])
+    assert {"DRUG//anti-amyloid//START", "DRUG//anti-amyloid//STOP", "LAB//amyloid-SUVR", "SCORE//MMSE"} >= set(
+        mri["code"]
+    )
     assert mri.loc[mri["code"] == "SCORE//MMSE", "numeric_value"].between(0, 30).all()
 
 
@@ -157,19 +166,19 @@ def test_resimulate_counterfactual_changes_only_the_lesion():
         assert distance.max(initial=0.0) <= reach_px
     assert np.abs(what_if.images[-1] - factual.images[-1]).max() > 0.05
     # the recorded EHR follows the edit: no dose, and the marker is higher at the end
-    drug = what_if.events[what_if.events["code"] == subject.drug_code]
-    assert (drug["numeric_value"] == 0).all()
+    assert not what_if.events["code"].str.startswith(subject.drug_code).any()
     assert what_if.truth["ca153_true"].iloc[-1] > factual.truth["ca153_true"].iloc[-1]
 
 
 def test_resimulate_accepts_dates_and_forecast_days():
     subject = _first_treated_with_lesion(CONFIGS["mammo2d"], seed=6)
     events = resimulate(subject).events
-    doubled = events.assign(
-        numeric_value=np.where(
-            events["code"] == subject.drug_code, events["numeric_value"] * 2, events["numeric_value"]
-        )
-    )
+    days = events.assign(time=subject.to_days(events["time"]))
+    doubled = pd.DataFrame(edit_events(days, subject.drug_code, scale=2.0))
+    # the edit acts on the running dose: the recorded schedule, doubled
+    edited = schedule_from_events(subject, doubled)
+    np.testing.assert_allclose(edited.doses, subject.schedule.doses * 2)
+    np.testing.assert_allclose(edited.days, subject.schedule.days, atol=1e-6)
     factual, what_if = resimulate(subject), resimulate(subject, doubled)
     assert what_if.truth["lesion_area_mm2"].iloc[-1] < factual.truth["lesion_area_mm2"].iloc[-1]
     later = subject.visit_days[-1] + 365.0
