@@ -5,3 +5,20 @@ from __future__ import annotations
 from .prepare_batch import FORECAST_CONDITION_KEYS, ForecastPrepareBatch
 
 __all__ = ["FORECAST_CONDITION_KEYS", "ForecastPrepareBatch"]
+from .diffusion import (
+    DiffusionTwinPrepareBatch,
+    encode_latents,
+    null_ehr_sample,
+    train_autoencoder,
+    train_diffusion_twin,
+    twin_conditions,
+)
+
+__all__ += [
+    "DiffusionTwinPrepareBatch",
+    "encode_latents",
+    "null_ehr_sample",
+    "train_autoencoder",
+    "train_diffusion_twin",
+    "twin_conditions",
+]

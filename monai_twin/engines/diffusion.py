@@ -1,0 +1,321 @@
+"""Training the latent diffusion twin with MONAI's engines.
+
+Both stages run through :class:`monai.engines.SupervisedTrainer`:
+
+1. the autoencoder (MONAI's ``AutoencoderKL``) with :class:`~monai_twin.networks.diffusion.AutoencoderKLLoss`
+   (:func:`train_autoencoder`);
+2. the denoiser (:class:`~monai_twin.networks.diffusion.LatentDiffusionTwin`) on precomputed latents
+   with :class:`DiffusionTwinPrepareBatch` -- MONAI's ``DiffusionPrepareBatch`` extended with the
+   twin's keyword conditions, condition dropout for classifier-free guidance and velocity targets
+   for RFlow -- and :class:`~monai_twin.inferers.TwinDiffusionInferer` (:func:`train_diffusion_twin`).
+
+Null-EHR pairs (:func:`null_ehr_sample`) teach "no events, no time -> no change": the target is the
+prior under a small random affine, the events are empty and the gap is about zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.engines.utils import DiffusionPrepareBatch
+
+from ..inferers.diffusion import DIFFUSION_CONDITION_KEYS, _is_rflow
+
+__all__ = [
+    "DiffusionTwinPrepareBatch",
+    "encode_latents",
+    "null_ehr_sample",
+    "train_autoencoder",
+    "train_diffusion_twin",
+    "twin_conditions",
+]
+
+
+class DiffusionTwinPrepareBatch(DiffusionPrepareBatch):
+    """``batch -> (x0, model target, (), {noise, timesteps, prior, ehr_..., gap, drop_condition})``.
+
+    ``x0`` is the diffusion variable: the scaled latent change ``(target - prior) / residual_scale``
+    (or the target latent when ``residual_scale`` is 0). The model target is the noise for
+    DDPM/DDIM (epsilon prediction) and ``x0 - noise`` for RFlow (MONAI's velocity convention).
+
+    Args:
+        scheduler: the training scheduler (its type decides the target; RFlow samples its own timesteps).
+        residual_scale: as the network's ``residual_scale`` buffer.
+        condition_dropout: probability of dropping a row's clinical context (classifier-free guidance).
+        prior_key, target_key: latent keys of the batch.
+        condition_keys: keys passed to the network as keyword arguments.
+    """
+
+    def __init__(
+        self,
+        scheduler: Any,
+        residual_scale: float = 1.0,
+        condition_dropout: float = 0.1,
+        prior_key: str = "prior",
+        target_key: str = "target",
+        condition_keys: Sequence[str] = DIFFUSION_CONDITION_KEYS,
+    ) -> None:
+        super().__init__(num_train_timesteps=scheduler.num_train_timesteps)
+        if not 0.0 <= condition_dropout < 1.0:
+            raise ValueError(f"condition_dropout must be in [0, 1), got {condition_dropout}.")
+        self.scheduler, self.residual_scale = scheduler, float(residual_scale)
+        self.condition_dropout = float(condition_dropout)
+        self.prior_key, self.target_key, self.condition_keys = prior_key, target_key, tuple(condition_keys)
+
+    def get_timesteps(self, images: torch.Tensor) -> torch.Tensor:
+        if _is_rflow(self.scheduler):
+            return self.scheduler.sample_timesteps(images)
+        return super().get_timesteps(images)
+
+    def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return images - noise if _is_rflow(self.scheduler) else noise
+
+    def __call__(
+        self,
+        batchdata: Mapping[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict[str, torch.Tensor]]:
+        missing = [k for k in (self.prior_key, self.target_key, *self.condition_keys) if k not in batchdata]
+        if missing:
+            raise KeyError(f"DiffusionTwinPrepareBatch: the batch has no {missing} (keys: {sorted(batchdata)}).")
+        prior = batchdata[self.prior_key].to(device=device, non_blocking=non_blocking, **kwargs)
+        target = batchdata[self.target_key].to(device=device, non_blocking=non_blocking, **kwargs)
+        if prior.shape != target.shape:
+            raise ValueError(
+                f"batch[{self.prior_key!r}] {tuple(prior.shape)} != batch[{self.target_key!r}] {tuple(target.shape)}."
+            )
+        x0 = (target - prior) / self.residual_scale if self.residual_scale > 0 else target
+        noise = self.get_noise(x0)
+        timesteps = self.get_timesteps(x0).to(x0.device)
+        conditions = {
+            k: batchdata[k].to(device=device, non_blocking=non_blocking, **kwargs) for k in self.condition_keys
+        }
+        drop = (torch.rand(x0.shape[0], device=x0.device) < self.condition_dropout).float()
+        infer_kwargs = {"noise": noise, "timesteps": timesteps, "prior": prior, "drop_condition": drop, **conditions}
+        return x0, self.get_target(x0, noise, timesteps), (), infer_kwargs
+
+
+def twin_conditions(item: Mapping[str, Any], vocabulary: Any, max_tokens: int = 32) -> dict[str, torch.Tensor]:
+    """The twin's condition tensors for one item of ``build_longitudinal_items`` / ``forecast_item``.
+
+    Every event before the target is a candidate token (``lookback=None``: a dose started before
+    the first prior visit is still in force); the most recent ``max_tokens`` are kept. The gap is
+    the days from the last prior visit to the target.
+
+    Returns:
+        ``ehr_tokens_code/value/time/mask`` ``(max_tokens,)``, ``ehr_static`` ``(S,)``, ``gap`` ``()``.
+    """
+    from ..transforms.ehr import EHRStaticToTensord, EHRToEventTokensd
+
+    for key in ("events", "history_times", "target_time", "static"):
+        if key not in item:
+            raise KeyError(f"twin_conditions: the item has no {key!r} (keys: {sorted(item)}).")
+    d = EHRToEventTokensd(vocabulary, max_tokens=max_tokens, lookback=None)(dict(item))
+    d = EHRStaticToTensord(vocabulary)(d)
+    gap = float(item["target_time"]) - float(np.asarray(item["history_times"], dtype=np.float64)[-1])
+    out = {k: torch.as_tensor(d[k]) for k in DIFFUSION_CONDITION_KEYS if k != "gap"}
+    out["ehr_tokens_code"] = out["ehr_tokens_code"].long()
+    out["ehr_static"] = out["ehr_static"].float()
+    out["gap"] = torch.tensor(gap, dtype=torch.float32)
+    return out
+
+
+def null_ehr_sample(
+    sample: Mapping[str, Any],
+    rng: np.random.Generator,
+    max_rotation_deg: float = 2.0,
+    max_shift: float = 1.0,
+    max_gap_days: float = 3.0,
+    prior_key: str = "prior_image",
+    target_key: str = "target_image",
+) -> dict[str, Any]:
+    """A null-EHR training pair from a sample: target = prior under a small random affine, no events, gap ~0.
+
+    Args:
+        sample: an image-space sample with ``prior_key`` ``(C, *spatial)`` and the condition keys.
+        rng: numpy generator (the draw: rotation, shift in voxels, gap in days).
+        max_rotation_deg: rotation bound (about every axis in 3D), degrees.
+        max_shift: shift bound, voxels.
+        max_gap_days: the gap is uniform in ``[0, max_gap_days]``.
+    """
+    from monai.transforms import Affine
+
+    if prior_key not in sample:
+        raise KeyError(f"null_ehr_sample: the sample has no {prior_key!r}.")
+    prior = torch.as_tensor(sample[prior_key], dtype=torch.float32)
+    nd = prior.ndim - 1
+    n_rot = 1 if nd == 2 else 3
+    rotate = tuple(np.deg2rad(rng.uniform(-max_rotation_deg, max_rotation_deg, n_rot)))
+    shift = tuple(rng.uniform(-max_shift, max_shift, nd))
+    moved, _ = Affine(rotate_params=rotate, translate_params=shift, padding_mode="border", image_only=False)(prior)
+    out = dict(sample)
+    out[target_key] = torch.as_tensor(moved).float().clamp(float(prior.min()), float(prior.max()))
+    out["ehr_tokens_mask"] = torch.zeros_like(torch.as_tensor(sample["ehr_tokens_mask"]))
+    out["ehr_tokens_code"] = torch.zeros_like(torch.as_tensor(sample["ehr_tokens_code"]))
+    out["ehr_tokens_value"] = torch.zeros_like(torch.as_tensor(sample["ehr_tokens_value"]))
+    out["ehr_tokens_time"] = torch.zeros_like(torch.as_tensor(sample["ehr_tokens_time"]))
+    out["gap"] = torch.tensor(float(rng.uniform(0.0, max_gap_days)), dtype=torch.float32)
+    return out
+
+
+def _progress_bar(trainer: Any, total: int, desc: str) -> None:
+    from ignite.engine import Events
+    from monai.engines.utils import IterationEvents  # noqa: F401  (engines are ignite engines)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, leave=False)
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _step(engine: Any) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{engine.state.output['loss'].item():.4f}")
+
+    @trainer.on(Events.COMPLETED)
+    def _close(engine: Any) -> None:
+        bar.close()
+
+
+def _epoch_losses(trainer: Any) -> list[float]:
+    from ignite.engine import Events
+
+    losses: list[float] = []
+    running: list[float] = []
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _collect(engine: Any) -> None:
+        running.append(float(engine.state.output["loss"]))
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _epoch(engine: Any) -> None:
+        losses.append(float(np.mean(running)))
+        running.clear()
+
+    return losses
+
+
+@torch.no_grad()
+def encode_latents(
+    autoencoder: torch.nn.Module, images: torch.Tensor, scale_factor: float = 1.0, batch_size: int = 32
+) -> torch.Tensor:
+    """``(N, C, *spatial)`` images -> ``(N, C_latent, *latent_spatial)`` scaled posterior means."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}.")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError("images contains NaN or infinite values.")
+    autoencoder.eval()
+    out = [autoencoder.encode(images[i : i + batch_size])[0] for i in range(0, len(images), batch_size)]
+    return torch.cat(out) * scale_factor
+
+
+def train_autoencoder(
+    autoencoder: torch.nn.Module,
+    images: torch.Tensor,
+    config: Any,
+    epochs: int = 20,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: bool = False,
+) -> list[float]:
+    """Train an ``AutoencoderKL`` on ``images`` ``(N, C, *spatial)`` with MONAI's ``SupervisedTrainer``.
+
+    Args:
+        autoencoder: MONAI ``AutoencoderKL`` (``AutoencoderConfig.build()``).
+        images: training images, intensities ~[0, 1].
+        config: its :class:`~monai_twin.networks.diffusion.AutoencoderConfig` (loss weights).
+        progress: tqdm bar over iterations.
+
+    Returns:
+        the mean training loss of each epoch.
+    """
+    from monai.data import DataLoader
+    from monai.engines import SupervisedTrainer
+
+    from ..networks.diffusion import AutoencoderKLLoss
+
+    if not isinstance(images, torch.Tensor) or images.ndim != config.spatial_dims + 2:
+        raise ValueError(f"images must be a (N, C, *spatial) tensor with {config.spatial_dims} spatial dims.")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError("images contains NaN or infinite values.")
+    torch.manual_seed(seed)
+    loader = DataLoader([{"image": im, "label": im} for im in images], batch_size=batch_size, shuffle=True)
+    trainer = SupervisedTrainer(
+        device=torch.device(device),
+        max_epochs=epochs,
+        train_data_loader=loader,
+        network=autoencoder.to(device),
+        optimizer=torch.optim.Adam(autoencoder.parameters(), lr),
+        loss_function=AutoencoderKLLoss(config),
+    )
+    losses = _epoch_losses(trainer)
+    if progress:
+        _progress_bar(trainer, epochs * len(loader), "autoencoder")
+    trainer.run()
+    autoencoder.eval()
+    return losses
+
+
+def train_diffusion_twin(
+    network: torch.nn.Module,
+    scheduler: Any,
+    samples: Sequence[Mapping[str, torch.Tensor]],
+    epochs: int = 50,
+    batch_size: int = 16,
+    lr: float = 5e-4,
+    condition_dropout: float = 0.1,
+    fit_residual_scale: bool = True,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: bool = False,
+) -> list[float]:
+    """Train a :class:`~monai_twin.networks.diffusion.LatentDiffusionTwin` with MONAI's ``SupervisedTrainer``.
+
+    Args:
+        network: the twin (its ``residual_scale`` buffer decides the diffusion variable).
+        scheduler: a MONAI scheduler (:func:`~monai_twin.inferers.make_scheduler`).
+        samples: dicts with ``prior`` and ``target`` latents ``(C, *latent_spatial)`` and the
+            :data:`~monai_twin.inferers.DIFFUSION_CONDITION_KEYS` tensors (null-EHR pairs included).
+        condition_dropout: probability of dropping a row's clinical context.
+        fit_residual_scale: set ``network.residual_scale`` to the standard deviation of
+            ``target - prior`` over ``samples`` before training (only when it is > 0).
+
+    Returns:
+        the mean training loss of each epoch.
+    """
+    from monai.data import DataLoader
+    from monai.engines import SupervisedTrainer
+
+    from ..inferers.diffusion import TwinDiffusionInferer
+
+    if len(samples) == 0:
+        raise ValueError("samples is empty.")
+    for key in ("prior", "target", *DIFFUSION_CONDITION_KEYS):
+        if key not in samples[0]:
+            raise KeyError(f"train_diffusion_twin: samples[0] has no {key!r} (keys: {sorted(samples[0])}).")
+    if fit_residual_scale and float(network.residual_scale) > 0:
+        change = torch.stack([torch.as_tensor(s["target"]) - torch.as_tensor(s["prior"]) for s in samples])
+        network.residual_scale.fill_(max(float(change.std()), 1e-3))
+    torch.manual_seed(seed)
+    loader = DataLoader(list(samples), batch_size=batch_size, shuffle=True, drop_last=len(samples) > batch_size)
+    trainer = SupervisedTrainer(
+        device=torch.device(device),
+        max_epochs=epochs,
+        train_data_loader=loader,
+        network=network.to(device),
+        optimizer=torch.optim.AdamW(network.parameters(), lr),
+        loss_function=torch.nn.MSELoss(),
+        inferer=TwinDiffusionInferer(scheduler),
+        prepare_batch=DiffusionTwinPrepareBatch(scheduler, float(network.residual_scale), condition_dropout),
+    )
+    losses = _epoch_losses(trainer)
+    if progress:
+        _progress_bar(trainer, epochs * len(loader), "diffusion twin")
+    trainer.run()
+    network.eval()
+    return losses

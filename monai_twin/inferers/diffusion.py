@@ -1,0 +1,388 @@
+"""Sampling the latent diffusion twin: forecasts with uncertainty maps and shared-noise what-ifs.
+
+Built on MONAI's :class:`~monai.inferers.DiffusionInferer` and schedulers
+(:class:`~monai.networks.schedulers.DDIMScheduler`, :class:`~monai.networks.schedulers.RFlowScheduler`,
+``DDPMScheduler``). MONAI's inferers pass one ``condition`` tensor; the twin needs several (prior
+latent as channels, event tokens, static, gap) and classifier-free guidance over the clinical
+ones, so :class:`TwinDiffusionInferer` is a thin subclass whose calls forward keyword conditions.
+:class:`LatentTwinInferer` adds the autoencoder (as MONAI's ``LatentDiffusionInferer`` does),
+``N``-sample mean / per-voxel standard deviation, and what-if sampling where the recorded and the
+edited events share every noise draw, so their difference is the effect of the edit alone.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.inferers import DiffusionInferer
+
+__all__ = [
+    "DIFFUSION_CONDITION_KEYS",
+    "LatentTwinInferer",
+    "TwinDiffusionInferer",
+    "make_scheduler",
+    "save_forecast_png",
+]
+
+#: Batch keys the twin receives as keyword conditions (besides ``prior``).
+DIFFUSION_CONDITION_KEYS = (
+    "ehr_tokens_code",
+    "ehr_tokens_value",
+    "ehr_tokens_time",
+    "ehr_tokens_mask",
+    "ehr_static",
+    "gap",
+)
+
+
+def make_scheduler(kind: str = "ddim", num_train_timesteps: int = 1000, **kwargs: Any):
+    """A MONAI scheduler for the twin: ``"ddpm"``, ``"ddim"`` or ``"rflow"``.
+
+    DDPM/DDIM use the ``scaled_linear_beta`` schedule of latent diffusion and no sample clipping
+    (latents are not in [-1, 1]); RFlow uses MONAI's defaults with discrete timesteps.
+    """
+    from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
+
+    if kind == "rflow":
+        kwargs.setdefault("use_discrete_timesteps", True)
+        return RFlowScheduler(num_train_timesteps=num_train_timesteps, **kwargs)
+    kwargs.setdefault("schedule", "scaled_linear_beta")
+    kwargs.setdefault("beta_start", 0.0015)
+    kwargs.setdefault("beta_end", 0.0195)
+    kwargs.setdefault("clip_sample", False)
+    if kind == "ddim":
+        return DDIMScheduler(num_train_timesteps=num_train_timesteps, **kwargs)
+    if kind == "ddpm":
+        return DDPMScheduler(num_train_timesteps=num_train_timesteps, **kwargs)
+    raise ValueError(f"scheduler kind must be 'ddpm', 'ddim' or 'rflow', got {kind!r}.")
+
+
+def _is_rflow(scheduler: Any) -> bool:
+    from monai.networks.schedulers import RFlowScheduler
+
+    return isinstance(scheduler, RFlowScheduler)
+
+
+def _progress(iterable, verbose: bool, desc: str):
+    if not verbose:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False)
+
+
+class TwinDiffusionInferer(DiffusionInferer):
+    """MONAI's ``DiffusionInferer`` with keyword conditions and classifier-free guidance.
+
+    ``__call__`` is the training forward pass (used by ``SupervisedTrainer`` with
+    :class:`~monai_twin.engines.DiffusionTwinPrepareBatch`): noise ``inputs`` at ``timesteps`` and
+    return ``diffusion_model(noisy, timesteps, **conditions)``. :meth:`sample` runs the reverse
+    process in the diffusion variable's space.
+
+    Args:
+        scheduler: a MONAI scheduler (:func:`make_scheduler`).
+    """
+
+    def __call__(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor,
+        diffusion_model: torch.nn.Module,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        condition: torch.Tensor | None = None,
+        mode: str = "crossattn",
+        seg: torch.Tensor | None = None,
+        **conditions: torch.Tensor,
+    ) -> torch.Tensor:
+        if condition is not None or seg is not None:
+            raise ValueError(
+                "TwinDiffusionInferer takes keyword conditions (prior=, ehr_tokens_code=, ...), not condition=/seg=."
+            )
+        if noise.shape != inputs.shape:
+            raise ValueError(f"noise {tuple(noise.shape)} must match inputs {tuple(inputs.shape)}.")
+        noisy = self.scheduler.add_noise(original_samples=inputs, noise=noise, timesteps=timesteps)
+        return diffusion_model(noisy, timesteps, **conditions)
+
+    @torch.no_grad()
+    def sample(  # type: ignore[override]
+        self,
+        input_noise: torch.Tensor,
+        diffusion_model: torch.nn.Module,
+        scheduler: Any = None,
+        save_intermediates: bool = False,
+        intermediate_steps: int | None = None,
+        conditioning: torch.Tensor | None = None,
+        mode: str = "crossattn",
+        verbose: bool = False,
+        seg: torch.Tensor | None = None,
+        cfg: float | None = None,
+        cfg_fill_value: float = -1,
+        *,
+        prior: torch.Tensor | None = None,
+        conditions: Mapping[str, torch.Tensor] | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 1.0,
+    ) -> torch.Tensor:
+        """Reverse diffusion from ``input_noise`` to the diffusion variable (a latent change or latent).
+
+        Args:
+            input_noise: ``(B, C, *spatial)`` starting noise (shared noise = shared ``input_noise``).
+            diffusion_model: a :class:`~monai_twin.networks.diffusion.LatentDiffusionTwin`.
+            scheduler: overrides the inferer's scheduler (e.g. RFlow instead of DDIM).
+            prior: ``(B, C, *spatial)`` prior latent.
+            conditions: the :data:`DIFFUSION_CONDITION_KEYS` tensors, batch ``B``.
+            num_inference_steps: DDIM / RFlow steps.
+            guidance_scale: classifier-free guidance ``w``: ``eps_u + w (eps_c - eps_u)``; 1 = conditional only.
+            verbose: tqdm progress bar over the steps.
+
+        The positional arguments of MONAI's ``DiffusionInferer.sample`` that do not apply
+        (``conditioning``, ``seg``, ``cfg``, intermediates) must stay at their defaults.
+        """
+        if conditioning is not None or seg is not None or cfg is not None or save_intermediates:
+            raise ValueError("TwinDiffusionInferer.sample takes prior= and conditions=, not conditioning/seg/cfg.")
+        if prior is None:
+            raise ValueError("TwinDiffusionInferer.sample: prior= (the prior latent) is required.")
+        if conditions is None:
+            raise ValueError(
+                f"TwinDiffusionInferer.sample: conditions= with keys {DIFFUSION_CONDITION_KEYS} is required."
+            )
+        missing = [k for k in DIFFUSION_CONDITION_KEYS if k not in conditions]
+        if missing:
+            raise KeyError(f"TwinDiffusionInferer.sample: conditions is missing {missing}.")
+        if input_noise.shape != prior.shape:
+            raise ValueError(f"input_noise {tuple(input_noise.shape)} must match prior {tuple(prior.shape)}.")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}.")
+        scheduler = scheduler or self.scheduler
+        b = prior.shape[0]
+        cond = {k: conditions[k] for k in DIFFUSION_CONDITION_KEYS}
+        context = diffusion_model.encode_condition(prior, **cond)
+        guided = guidance_scale != 1.0
+        if guided:
+            drop = torch.ones(b, device=prior.device)
+            context = torch.cat([context, diffusion_model.encode_condition(prior, **cond, drop_condition=drop)])
+            prior_in = torch.cat([prior, prior])
+        else:
+            prior_in = prior
+        if _is_rflow(scheduler):
+            scheduler.set_timesteps(
+                num_inference_steps, device=prior.device, input_img_size_numel=int(prior[0, 0].numel())
+            )
+        else:
+            scheduler.set_timesteps(num_inference_steps, device=prior.device)
+        timesteps = scheduler.timesteps
+        next_timesteps = torch.cat([timesteps[1:], torch.zeros_like(timesteps[:1])])
+        x = input_noise
+        for t, t_next in _progress(list(zip(timesteps, next_timesteps)), verbose, "sampling"):
+            x_in = torch.cat([x, x]) if guided else x
+            t_batch = torch.full((x_in.shape[0],), int(t), device=x.device, dtype=torch.long)
+            out = diffusion_model(x_in, t_batch, prior=prior_in, context=context)
+            if guided:
+                out_c, out_u = out.chunk(2)
+                out = out_u + guidance_scale * (out_c - out_u)
+            if _is_rflow(scheduler):
+                x, _ = scheduler.step(out, int(t), x, int(t_next))
+            else:
+                x, _ = scheduler.step(out, int(t), x)
+        return x
+
+
+class LatentTwinInferer(TwinDiffusionInferer):
+    """Forecast images (mean + per-voxel std over ``N`` samples) and what-ifs with shared noise.
+
+    Args:
+        scheduler: a MONAI scheduler (:func:`make_scheduler`).
+        autoencoder: a trained ``AutoencoderKL``; ``None`` for a pixel-space twin (the image is the latent).
+        scale_factor: latent scaling of latent diffusion (``z = scale_factor * z_mu``).
+        residual_decode: decode as ``prior_image + D(z_pred) - D(z_prior)`` -- the autoencoder's
+            reconstruction error of the prior cancels, so unchanged anatomy keeps the prior's detail.
+        num_inference_steps: default sampling steps.
+        guidance_scale: default classifier-free guidance scale.
+
+    Example::
+
+        inferer = LatentTwinInferer(make_scheduler("ddim"), autoencoder, scale_factor=1.0)
+        out = inferer.forecast(prior_image, twin, conditions, n_samples=8, seed=0)
+        out["mean"], out["std"]           # (B, C, *spatial) each
+    """
+
+    def __init__(
+        self,
+        scheduler: Any,
+        autoencoder: torch.nn.Module | None = None,
+        scale_factor: float = 1.0,
+        residual_decode: bool = True,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 1.0,
+    ) -> None:
+        super().__init__(scheduler)
+        if scale_factor <= 0:
+            raise ValueError(f"scale_factor must be > 0, got {scale_factor}.")
+        self.autoencoder, self.scale_factor = autoencoder, float(scale_factor)
+        self.residual_decode = residual_decode
+        self.num_inference_steps, self.guidance_scale = int(num_inference_steps), float(guidance_scale)
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """Image ``(B, C, *spatial)`` -> scaled latent (the mean of ``AutoencoderKL``'s posterior)."""
+        if self.autoencoder is None:
+            return image
+        z_mu, _ = self.autoencoder.encode(image)
+        return z_mu * self.scale_factor
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.autoencoder is None:
+            return latent
+        return self.autoencoder.decode(latent / self.scale_factor)
+
+    @torch.no_grad()
+    def forecast(
+        self,
+        prior_image: torch.Tensor,
+        diffusion_model: torch.nn.Module,
+        conditions: Mapping[str, torch.Tensor],
+        n_samples: int = 8,
+        seed: int | None = 0,
+        noise: torch.Tensor | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        scheduler: Any = None,
+        verbose: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """``n_samples`` forecasts per item, their mean and per-voxel standard deviation.
+
+        Args:
+            prior_image: ``(B, C, *spatial)`` the last prior scan, in the target's frame.
+            diffusion_model: the trained :class:`~monai_twin.networks.diffusion.LatentDiffusionTwin`.
+            conditions: the :data:`DIFFUSION_CONDITION_KEYS` tensors for the ``B`` items.
+            n_samples: samples per item.
+            seed: seeds the noise (same seed = same noise, the basis of shared-noise what-ifs).
+            noise: explicit starting noise ``(n_samples, B, C, *latent_spatial)``; overrides ``seed``.
+
+        Returns:
+            ``samples`` ``(n_samples, B, C, *spatial)``, ``mean`` and ``std`` ``(B, C, *spatial)``,
+            and ``noise`` (what was used, to share with an edited run).
+        """
+        if not isinstance(prior_image, torch.Tensor):
+            raise TypeError(f"prior_image must be a torch.Tensor, got {type(prior_image).__name__}.")
+        if not bool(torch.isfinite(prior_image).all()):
+            raise ValueError("prior_image contains NaN or infinite values.")
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
+        missing = [k for k in DIFFUSION_CONDITION_KEYS if k not in conditions]
+        if missing:
+            raise KeyError(f"LatentTwinInferer.forecast: conditions is missing {missing}.")
+        b = prior_image.shape[0]
+        for key in DIFFUSION_CONDITION_KEYS:
+            if conditions[key].shape[0] != b:
+                raise ValueError(f"conditions[{key!r}] has batch size {conditions[key].shape[0]}, prior_image has {b}.")
+        prior = self.encode(prior_image)
+        if noise is None:
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            noise = torch.randn((n_samples, *prior.shape), generator=generator).to(prior)
+        elif tuple(noise.shape) != (n_samples, *prior.shape):
+            raise ValueError(f"noise must have shape {(n_samples, *prior.shape)}, got {tuple(noise.shape)}.")
+        # all samples in one batch: (n_samples * B, ...)
+        rep = lambda t: t.repeat(n_samples, *([1] * (t.ndim - 1)))  # noqa: E731
+        x = self.sample(
+            noise.reshape(-1, *prior.shape[1:]),
+            diffusion_model,
+            scheduler,
+            verbose=verbose,
+            prior=rep(prior),
+            conditions={k: rep(conditions[k]) for k in DIFFUSION_CONDITION_KEYS},
+            num_inference_steps=num_inference_steps or self.num_inference_steps,
+            guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
+        )
+        latent = diffusion_model.from_diffusion(x, rep(prior))
+        images = self.decode(latent)
+        if self.residual_decode and self.autoencoder is not None:
+            images = rep(prior_image) + images - self.decode(rep(prior))
+        samples = images.reshape(n_samples, *prior_image.shape)
+        std = samples.std(0, unbiased=True) if n_samples > 1 else torch.zeros_like(samples[0])
+        return {"samples": samples, "mean": samples.mean(0), "std": std, "noise": noise}
+
+    @torch.no_grad()
+    def what_if(
+        self,
+        prior_image: torch.Tensor,
+        diffusion_model: torch.nn.Module,
+        conditions: Mapping[str, torch.Tensor],
+        edited_conditions: Mapping[str, torch.Tensor],
+        n_samples: int = 8,
+        seed: int | None = 0,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        """Forecast under the recorded and the edited conditions with the *same* noise.
+
+        Returns:
+            ``baseline`` and ``counterfactual`` (sample means), ``difference`` (their difference,
+            ``(B, C, *spatial)``), ``baseline_std``, ``counterfactual_std`` and ``difference_std``
+            (per-voxel std of the paired differences). Unchanged conditions give exactly zero.
+            ``save_what_if_png`` (:mod:`monai_twin.inferers.whatif`) draws it.
+        """
+        base = self.forecast(prior_image, diffusion_model, conditions, n_samples, seed, **kwargs)
+        kwargs.pop("noise", None)
+        edit = self.forecast(prior_image, diffusion_model, edited_conditions, n_samples, noise=base["noise"], **kwargs)
+        paired = edit["samples"] - base["samples"]
+        return {
+            "baseline": base["mean"],
+            "counterfactual": edit["mean"],
+            "difference": paired.mean(0),
+            "baseline_std": base["std"],
+            "counterfactual_std": edit["std"],
+            "difference_std": paired.std(0) if n_samples > 1 else torch.zeros_like(paired[0]),
+        }
+
+
+def save_forecast_png(
+    result: Mapping[str, Any],
+    path: str | os.PathLike,
+    prior: Any = None,
+    target: Any = None,
+    title: str = "forecast",
+) -> Path:
+    """Prior (optional), forecast mean, per-voxel std and target (optional) side by side (3D: middle slice).
+
+    Args:
+        result: a :meth:`LatentTwinInferer.forecast` output (one item: batch element 0 is drawn).
+        path: the PNG to write (written to a temporary name, then renamed).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..utils.io import atomic_output_path
+    from ..visualize.timeline import middle_slice
+
+    for key in ("mean", "std"):
+        if key not in result:
+            raise KeyError(f"save_forecast_png: result has no {key!r} (keys: {sorted(result)}).")
+
+    def first(x: Any) -> np.ndarray:
+        a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        while a.ndim > 3 or (a.ndim == 3 and a.shape[0] == 1):
+            a = a[0]
+        return middle_slice(a)
+
+    panels = [("prior", prior, "gray"), ("forecast (mean)", result["mean"], "gray")]
+    panels += [("uncertainty (std)", result["std"], "magma"), ("target", target, "gray")]
+    panels = [(n, first(v), c) for n, v, c in panels if v is not None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
+    for ax, (name, image, cmap) in zip(np.atleast_1d(axes), panels):
+        shown = ax.imshow(np.rot90(image), cmap=cmap, **({} if cmap != "gray" else {"vmin": 0.0, "vmax": 1.0}))
+        if cmap != "gray":
+            fig.colorbar(shown, ax=ax, fraction=0.046)
+        ax.set_title(name, fontsize=10)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    with atomic_output_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return Path(path)
