@@ -408,6 +408,9 @@ def _run_demons(stage, fixed, moving, options: dict[str, Any]):
         field = demons.Execute(f_level, m_level, initial)
         metric = float(demons.GetMetric())
         done = int(demons.GetElapsedIterations())
+    if shrink[-1] > 1:
+        # a pyramid that stops above full resolution still returns a field on the fixed grid
+        field = sitk.Resample(field, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
     return field, metric, done
 
 
