@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from .forecast import ForecastLoss, ForecastTrainer, masked_mse, train_forecaster
 from .prepare_batch import FORECAST_CONDITION_KEYS, ForecastPrepareBatch
 
-__all__ = ["FORECAST_CONDITION_KEYS", "ForecastPrepareBatch"]
+__all__ = [
+    "FORECAST_CONDITION_KEYS",
+    "ForecastLoss",
+    "ForecastPrepareBatch",
+    "ForecastTrainer",
+    "masked_mse",
+    "train_forecaster",
+]
 from .diffusion import (
     DiffusionTwinPrepareBatch,
     encode_latents,

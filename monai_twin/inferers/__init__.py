@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from .forecast import ForecastInferer, save_forecast_panel_png
 from .whatif import WhatIfInferer, edit_events, save_what_if_png
 
-__all__ = ["WhatIfInferer", "edit_events", "save_what_if_png"]
+__all__ = ["ForecastInferer", "WhatIfInferer", "edit_events", "save_forecast_panel_png", "save_what_if_png"]
 from .diffusion import (
     DIFFUSION_CONDITION_KEYS,
     LatentTwinInferer,

@@ -8,6 +8,10 @@
 from __future__ import annotations
 
 from .ehr import (
+    EHRFutureValues,
+    EHRFutureValuesD,
+    EHRFutureValuesd,
+    EHRFutureValuesDict,
     EHRStaticToTensor,
     EHRStaticToTensorD,
     EHRStaticToTensord,
@@ -48,6 +52,10 @@ from .sequence import (
 )
 
 __all__ = [
+    "EHRFutureValues",
+    "EHRFutureValuesD",
+    "EHRFutureValuesDict",
+    "EHRFutureValuesd",
     "EHRStaticToTensor",
     "EHRStaticToTensorD",
     "EHRStaticToTensorDict",

@@ -25,9 +25,14 @@ from .functional import (
     interval_feature_table,
     static_feature_names,
 )
+from .future import EHRFutureValues, EHRFutureValuesD, EHRFutureValuesd, EHRFutureValuesDict
 from .vocabulary import OOV_INDEX, PAD_INDEX, EHRVocabulary
 
 __all__ = [
+    "EHRFutureValues",
+    "EHRFutureValuesD",
+    "EHRFutureValuesDict",
+    "EHRFutureValuesd",
     "OOV_INDEX",
     "PAD_INDEX",
     "REDUCERS",
