@@ -188,7 +188,7 @@ def _epoch_losses(trainer: Any) -> list[float]:
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def _collect(engine: Any) -> None:
-        running.append(float(engine.state.output["loss"]))
+        running.append(engine.state.output["loss"].item())
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def _epoch(engine: Any) -> None:
@@ -252,6 +252,7 @@ def train_autoencoder(
         network=autoencoder.to(device),
         optimizer=torch.optim.Adam(autoencoder.parameters(), lr),
         loss_function=AutoencoderKLLoss(config),
+        decollate=False,
     )
     losses = _epoch_losses(trainer)
     if progress:
@@ -312,6 +313,7 @@ def train_diffusion_twin(
         loss_function=torch.nn.MSELoss(),
         inferer=TwinDiffusionInferer(scheduler),
         prepare_batch=DiffusionTwinPrepareBatch(scheduler, float(network.residual_scale), condition_dropout),
+        decollate=False,
     )
     losses = _epoch_losses(trainer)
     if progress:

@@ -1,0 +1,411 @@
+"""The latent diffusion twin against copy-last on a synthetic 2D mammography cohort (issue 7 figures).
+
+Simulates a cohort, maps every scan back to its subject's frame with the true acquisition transform
+(oracle registration, as ``forecaster_testbed.py`` does, whose helpers are reused), trains the
+``AutoencoderKL`` and the ``LatentDiffusionTwin`` on the training subjects with MONAI's
+``SupervisedTrainer``, and prints, on the held-out subjects:
+
+* forecast quality (mean of N samples) vs copy-last on the changed / unchanged visits: SSIM, PSNR,
+  lesion-size error (mm^2; the lesion area is read from an image as the prior's true area plus the
+  pixels gained minus lost -- brighter / darker than the prior by more than 0.12 -- inside the box the
+  lesion can reach, times a factor fitted on training pairs);
+* the null-EHR check: no events, gap 0 -> SSIM of the forecast vs the prior (target >= 0.9);
+* what-if: predicted vs true (``resimulate``) change of lesion area at the target visit when the
+  drug is stopped / started after the last prior scan, Pearson r (target >= 0.8);
+* uncertainty: Spearman between each test item's mean per-pixel std and its mean absolute error
+  (target >= 0.5);
+* speed: seconds per sample for DDIM 10 / 25 / 50 steps, and a pixel-space twin of equal width at
+  25 steps -- the ratio in the same run;
+* optionally the ConvLSTM twin (``TwinForecaster``) on the same test visits.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/diffusion_twin.py --subjects 100 --size 64 --ae-epochs 30 --epochs 150
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _lesion_boxes(cohort: Path, subjects) -> dict[str, tuple[slice, ...] | None]:
+    from monai_twin.data.synthetic import load_subject
+    from monai_twin.data.synthetic.mammo2d import mammo2d_anatomy
+
+    out = {}
+    for sid in subjects:
+        subject = load_subject(cohort, sid)
+        out[sid] = mammo2d_anatomy(subject).get("lesion_box") if subject.latent["lesion_type"] != "none" else None
+    return out
+
+
+def _samples(items, images, vocabulary, max_tokens, truth):
+    from monai_twin.engines import twin_conditions
+
+    out = []
+    for item in items:
+        sid, j = item["subject_id"], item["target_index"]
+        sample = twin_conditions(item, vocabulary, max_tokens)
+        sample["prior_image"] = torch.from_numpy(images[(sid, j - 1)][None])
+        sample["target_image"] = torch.from_numpy(images[(sid, j)][None])
+        meta = {
+            "subject_id": sid,
+            "target_index": j,
+            "changed": bool(truth[(sid, j)]["changed"]),
+            "prior_area": float(truth[(sid, j - 1)]["lesion_area_mm2"]),
+            "target_area": float(truth[(sid, j)]["lesion_area_mm2"]),
+            "item": item,
+        }
+        out.append((sample, meta))
+    return out
+
+
+def _start_drug(events, code: str, dose: float, after: float, before: float) -> dict[str, np.ndarray]:
+    """``events`` plus ``dose`` mg/day of ``code`` taken in ``[after, before)`` (for never-treated subjects,
+    where ``edit_events`` has no recorded prescription to edit)."""
+    try:
+        from monai_twin.data import edit_events
+
+        return edit_events(events, code, value=dose, after=after, before=before)
+    except ValueError:
+        pass
+    add = {
+        "time": np.array([after, before], dtype=np.float64),
+        "code": np.array([code + "//START", code + "//STOP"], dtype=object),
+        "numeric_value": np.array([dose, dose]),
+        "text_value": np.array([None, None], dtype=object),
+        "unit": np.array(["mg/day", "mg/day"], dtype=object),
+    }
+    out = {k: np.concatenate([np.asarray(v), add[k]]) if k in add else v for k, v in events.items()}
+    order = np.argsort(np.asarray(out["time"], dtype=np.float64), kind="stable")
+    return {k: np.asarray(v)[order] for k, v in out.items()}
+
+
+#: intensity step (image units) that counts a pixel as gained / lost lesion; the lesion adds ~0.32
+LESION_STEP = 0.12
+
+
+def _box_count(image: np.ndarray, prior: np.ndarray, box) -> float:
+    """Pixels gained minus pixels lost (by more than ``LESION_STEP``) inside the lesion's box."""
+    if box is None:
+        return 0.0
+    d = (image - prior)[box]
+    return float((d > LESION_STEP).sum() - (d < -LESION_STEP).sum())
+
+
+def _stack(samples, keys):
+    return {k: torch.stack([s[k] for s in samples]) for k in keys}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subjects", type=int, default=100)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ae-epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=150, help="denoiser epochs")
+    parser.add_argument("--schedulers", nargs="+", default=["ddim"], choices=["ddim", "rflow"])
+    parser.add_argument("--n-samples", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=1.0)
+    parser.add_argument("--null-fraction", type=float, default=0.3, help="null-EHR pairs per training pair")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--convlstm-epochs", type=int, default=0, help="> 0 also trains the ConvLSTM twin")
+    parser.add_argument("--figures", default=None, help="folder for diffusion_*.png")
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+
+    import pandas as pd
+    from forecaster_testbed import _aligned_images
+    from monai.metrics import PSNRMetric, SSIMMetric
+    from scipy.stats import pearsonr, spearmanr
+
+    from monai_twin.data import build_longitudinal_items, edit_events, load_manifest, split_subjects
+    from monai_twin.data.synthetic import Mammo2DConfig, load_subject, resimulate, write_cohort
+    from monai_twin.engines import encode_latents, null_ehr_sample, train_autoencoder, train_diffusion_twin
+    from monai_twin.inferers import DIFFUSION_CONDITION_KEYS, LatentTwinInferer, make_scheduler, save_forecast_png
+    from monai_twin.inferers.whatif import save_what_if_png
+    from monai_twin.networks.diffusion import LatentDiffusionTwin, autoencoder_config
+    from monai_twin.transforms.ehr import EHRVocabulary
+
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="diffusion_twin_"))
+    cohort = work / f"mammo2d_{args.subjects}_{args.size}_{args.seed}"
+    t0 = time.perf_counter()
+    if not (cohort / "cohort.json").is_file():
+        write_cohort("mammo2d", cohort, args.subjects, args.seed, Mammo2DConfig(size=args.size), workers=1)
+    manifest = load_manifest(cohort, check_images="exists")
+    images = _aligned_images(cohort)
+    truth_frame = pd.read_parquet(cohort / "truth.parquet")
+    truth = {(r.subject_id, int(r.visit)): r._asdict() for r in truth_frame.itertuples()}
+    split = split_subjects(manifest.subjects, (0.7, 0.15, 0.15), seed=args.seed)
+    vocabulary = EHRVocabulary.fit(manifest.events, manifest.static, subjects=split["training"])
+    data = {
+        name: _samples(
+            build_longitudinal_items(manifest, max_history=1, subjects=split[name]),
+            images,
+            vocabulary,
+            args.max_tokens,
+            truth,
+        )
+        for name in ("training", "test")
+    }
+    boxes = _lesion_boxes(cohort, split["training"] + split["test"])
+    spacing = Mammo2DConfig(size=args.size).spacing
+    print(
+        f"cohort ready in {time.perf_counter() - t0:.0f} s: {len(data['training'])} training / {len(data['test'])} test pairs"
+    )
+
+    # ---- autoencoder
+    ae_config = autoencoder_config("mammo2d")
+    autoencoder = ae_config.build()
+    train_images = torch.stack([torch.from_numpy(images[k][None]) for k in images if k[0] in set(split["training"])])
+    t0 = time.perf_counter()
+    ae_losses = train_autoencoder(autoencoder, train_images, ae_config, epochs=args.ae_epochs, batch_size=16, lr=2e-3)
+    ae_time = time.perf_counter() - t0
+    ssim = SSIMMetric(spatial_dims=2, data_range=1.0, reduction="none")
+    psnr = PSNRMetric(max_val=1.0, reduction="none")
+    test_images = torch.stack([s["target_image"] for s, _ in data["test"]])
+    with torch.no_grad():
+        recon = autoencoder.decode(autoencoder.encode(test_images)[0]).clamp(0, 1)
+    print(
+        f"autoencoder: {args.ae_epochs} epochs in {ae_time:.0f} s, loss {ae_losses[0]:.4f} -> {ae_losses[-1]:.4f}; "
+        f"test reconstruction SSIM {ssim(recon, test_images).mean():.3f}, PSNR {psnr(recon, test_images).mean():.2f} dB"
+    )
+
+    # ---- latents (null-EHR pairs included) and the gain of the lesion-area reader
+    train = [s for s, _ in data["training"]]
+    n_null = int(round(args.null_fraction * len(train)))
+    null = [null_ehr_sample(train[i], rng) for i in rng.choice(len(train), n_null, replace=False)]
+    pairs = train + null
+    priors = encode_latents(autoencoder, torch.stack([s["prior_image"] for s in pairs]))
+    scale_factor = float(1.0 / priors.std())
+    priors = priors * scale_factor
+    targets = encode_latents(autoencoder, torch.stack([s["target_image"] for s in pairs]), scale_factor)
+    latent_samples = [
+        {"prior": p, "target": t, **{k: s[k] for k in DIFFUSION_CONDITION_KEYS}}
+        for p, t, s in zip(priors, targets, pairs)
+    ]
+    sums, deltas = [], []
+    for s, meta in data["training"]:
+        box = boxes[meta["subject_id"]]
+        if box is not None:
+            sums.append(_box_count(s["target_image"][0].numpy(), s["prior_image"][0].numpy(), box) * spacing**2)
+            deltas.append(meta["target_area"] - meta["prior_area"])
+    gain = float(np.dot(sums, deltas) / np.dot(sums, sums))
+
+    def area(image: np.ndarray, meta: dict) -> float:
+        box = boxes[meta["subject_id"]]
+        prior = data_lookup[(meta["subject_id"], meta["target_index"])]["prior_image"][0].numpy()
+        return meta["prior_area"] + gain * _box_count(image, prior, box) * spacing**2
+
+    data_lookup = {(m["subject_id"], m["target_index"]): s for s, m in data["test"]}
+    lesion_test = [(s, m) for s, m in data["test"] if boxes[m["subject_id"]] is not None]
+    reader_err = np.mean([abs(area(s["target_image"][0].numpy(), m) - m["target_area"]) for s, m in lesion_test])
+    print(f"lesion-area reader: gain {gain:.2f}; its error on the true target images {reader_err:.1f} mm^2 (the floor)")
+
+    test_samples = [s for s, _ in data["test"]]
+    test_meta = [m for _, m in data["test"]]
+    prior_images = torch.stack([s["prior_image"] for s in test_samples])
+    target_images = torch.stack([s["target_image"] for s in test_samples])
+    conditions = _stack(test_samples, DIFFUSION_CONDITION_KEYS)
+    twins = {}
+    for kind in args.schedulers:
+        scheduler = make_scheduler(kind)
+        torch.manual_seed(args.seed)
+        net = LatentDiffusionTwin(2, ae_config.latent_channels, vocabulary.size, conditions["ehr_static"].shape[1])
+        t0 = time.perf_counter()
+        losses = train_diffusion_twin(
+            net, scheduler, latent_samples, epochs=args.epochs, batch_size=32, lr=1e-3, seed=args.seed
+        )
+        print(
+            f"\n== twin ({kind}): {args.epochs} epochs on {len(latent_samples)} pairs ({n_null} null-EHR) in "
+            f"{time.perf_counter() - t0:.0f} s, loss {np.mean(losses[:3]):.4f} -> {np.mean(losses[-3:]):.4f}"
+        )
+        inferer = LatentTwinInferer(
+            scheduler, autoencoder, scale_factor, num_inference_steps=args.steps, guidance_scale=args.guidance
+        )
+        twins[kind] = (net, inferer)
+
+        # forecasts, in chunks
+        means, stds = [], []
+        for start in range(0, len(test_samples), 16):
+            sl = slice(start, start + 16)
+            out = inferer.forecast(
+                prior_images[sl], net, {k: v[sl] for k, v in conditions.items()}, args.n_samples, seed=args.seed
+            )
+            means.append(out["mean"].clamp(0, 1))
+            stds.append(out["std"])
+        mean, std = torch.cat(means), torch.cat(stds)
+        rows = []
+        for name, image in (("diffusion", mean), ("copy_last", prior_images)):
+            s_ = ssim(image, target_images).reshape(-1).tolist()
+            p_ = psnr(image, target_images).reshape(-1).tolist()
+            for i, meta in enumerate(test_meta):
+                has = boxes[meta["subject_id"]] is not None
+                err = abs(area(image[i, 0].numpy(), meta) - meta["target_area"]) if has else np.nan
+                rows.append(
+                    {"model": name, "changed": meta["changed"], "ssim": s_[i], "psnr": p_[i], "lesion_err_mm2": err}
+                )
+        table = pd.DataFrame(rows).groupby(["changed", "model"])[["ssim", "psnr", "lesion_err_mm2"]].mean()
+        counts = pd.DataFrame(rows)[lambda f: f.model == "copy_last"].groupby("changed").size()
+        print(
+            f"forecast vs target (mean of {args.n_samples} samples, {args.steps} steps, guidance {args.guidance}); n = {counts.to_dict()}"
+        )
+        print(table.round(3).to_string())
+
+        # uncertainty
+        abs_err = (mean - target_images).abs().flatten(1).mean(1).numpy()
+        mean_std = std.flatten(1).mean(1).numpy()
+        rho_items = spearmanr(mean_std, abs_err).statistic
+        frame = (
+            pd.DataFrame({"sid": [m["subject_id"] for m in test_meta], "std": mean_std, "err": abs_err})
+            .groupby("sid")
+            .mean()
+        )
+        rho_subjects = spearmanr(frame["std"], frame["err"]).statistic
+        print(
+            f"uncertainty: Spearman(mean std, mean abs error) = {rho_items:.3f} over {len(abs_err)} test items, {rho_subjects:.3f} over {len(frame)} subjects (target >= 0.5)"
+        )
+
+        # null-EHR check
+        null_cond = {k: v.clone() for k, v in conditions.items()}
+        for k in ("ehr_tokens_code", "ehr_tokens_value", "ehr_tokens_time", "ehr_tokens_mask", "gap"):
+            null_cond[k] = torch.zeros_like(null_cond[k])
+        null_means = []
+        for start in range(0, len(test_samples), 16):
+            sl = slice(start, start + 16)
+            null_means.append(
+                inferer.forecast(prior_images[sl], net, {k: v[sl] for k, v in null_cond.items()}, 4, seed=1)[
+                    "mean"
+                ].clamp(0, 1)
+            )
+        null_ssim = ssim(torch.cat(null_means), prior_images).reshape(-1)
+        print(
+            f"null-EHR check: SSIM(forecast, prior) mean {null_ssim.mean():.3f}, min {null_ssim.min():.3f} (target >= 0.9)"
+        )
+
+        # what-if against the true counterfactual
+        predicted, true, first = [], [], None
+        for sample, meta in lesion_test:
+            item = meta["item"]
+            last, target_time = float(item["history_times"][-1]), float(item["target_time"])
+            subject = load_subject(cohort, meta["subject_id"])
+            code = subject.drug_code
+            try:
+                edited = edit_events(item["events"], code, value=0.0, after=last, before=target_time)
+            except ValueError:  # not taking the drug there: start it
+                edited = _start_drug(item["events"], code, 40.0, last, target_time)
+            edited_item = dict(item, events=edited)
+            from monai_twin.engines import twin_conditions
+
+            edited_cond = {k: v[None] for k, v in twin_conditions(edited_item, vocabulary, args.max_tokens).items()}
+            cond = {k: sample[k][None] for k in DIFFUSION_CONDITION_KEYS}
+            out = inferer.what_if(sample["prior_image"][None], net, cond, edited_cond, args.n_samples, seed=args.seed)
+            predicted.append(
+                area(out["counterfactual"][0, 0].numpy(), meta) - area(out["baseline"][0, 0].numpy(), meta)
+            )
+            cf_events = pd.DataFrame({k: v for k, v in edited.items() if k in ("time", "code", "numeric_value")})
+            cf_truth = resimulate(subject, cf_events, days=[target_time]).truth
+            true.append(float(cf_truth["lesion_area_mm2"].iloc[0]) - meta["target_area"])
+            if first is None or abs(true[-1]) > abs(true[first[0]]):
+                first = (len(true) - 1, out)
+        r = pearsonr(predicted, true).statistic if len(true) > 2 else float("nan")
+        print(
+            f"what-if (stop the drug after the last prior scan, or start 40 mg/day): n = {len(true)}, true change "
+            f"{np.mean(np.abs(true)):.1f} mm^2 on average, predicted {np.mean(np.abs(predicted)):.1f}; Pearson r = {r:.3f} (target >= 0.8)"
+        )
+        if args.figures and kind == args.schedulers[0]:
+            fig = Path(args.figures)
+            fig.mkdir(parents=True, exist_ok=True)
+            i = max(range(len(test_meta)), key=lambda k: test_meta[k]["target_area"] - test_meta[k]["prior_area"])
+            one = inferer.forecast(
+                prior_images[i : i + 1], net, {k: v[i : i + 1] for k, v in conditions.items()}, args.n_samples
+            )
+            save_forecast_png(
+                one,
+                fig / "diffusion_forecast.png",
+                prior=prior_images[i],
+                target=target_images[i],
+                title=f"{test_meta[i]['subject_id']} visit {test_meta[i]['target_index']}",
+            )
+            save_what_if_png(first[1], fig / "diffusion_what_if.png", title="stop / start the drug after the last scan")
+
+    # ---- speed
+    net, inferer = twins[args.schedulers[0]]
+    one = {k: v[:1] for k, v in conditions.items()}
+    n = 4
+    speed = {}
+    for steps in (10, 25, 50):
+        t0 = time.perf_counter()
+        inferer.forecast(prior_images[:1], net, one, n, num_inference_steps=steps)
+        speed[steps] = (time.perf_counter() - t0) / n
+    pixel = LatentDiffusionTwin(2, 1, vocabulary.size, conditions["ehr_static"].shape[1]).eval()
+    pixel_inferer = LatentTwinInferer(make_scheduler("ddim"), None, num_inference_steps=25)
+    t0 = time.perf_counter()
+    pixel_inferer.forecast(prior_images[:1], pixel, one, n, num_inference_steps=25)
+    pixel_time = (time.perf_counter() - t0) / n
+    print("\nspeed (s per sample, batch of 4 samples, 1 thread if OMP_NUM_THREADS=1):")
+    print("  latent DDIM " + ", ".join(f"{k} steps {v:.3f}" for k, v in speed.items()))
+    print(
+        f"  pixel-space UNet of equal width, 25 steps {pixel_time:.3f} -> pixel / latent = {pixel_time / speed[25]:.1f}x"
+    )
+
+    if args.convlstm_epochs > 0:
+        from forecaster_testbed import _evaluate
+        from forecaster_testbed import _samples as forecaster_samples
+        from monai.data import DataLoader
+        from monai.engines import SupervisedTrainer
+
+        from monai_twin.engines import ForecastPrepareBatch
+        from monai_twin.networks import TwinForecaster
+
+        changed = {(m["subject_id"], m["target_index"]): m["changed"] for _, m in data["test"]}
+        fdata = {
+            name: forecaster_samples(
+                manifest, build_longitudinal_items(manifest, max_history=4, subjects=split[name]), images, vocabulary, 4
+            )
+            for name in ("training", "test")
+        }
+        torch.manual_seed(args.seed)
+        f = fdata["training"][0]
+        fnet = TwinForecaster(
+            2,
+            1,
+            channels=(16, 32),
+            hidden_channels=32,
+            ehr_interval_dim=f["ehr_intervals"].shape[-1],
+            ehr_static_dim=f["ehr_static"].shape[-1],
+            conditioning="stfilm",
+            max_history=4,
+        )
+        loader = DataLoader(
+            [{k: v for k, v in s.items() if k not in ("subject_id", "target_index")} for s in fdata["training"]],
+            batch_size=8,
+            shuffle=True,
+        )
+        SupervisedTrainer(
+            device=torch.device("cpu"),
+            max_epochs=args.convlstm_epochs,
+            train_data_loader=loader,
+            network=fnet,
+            optimizer=torch.optim.AdamW(fnet.parameters(), 1e-3),
+            loss_function=torch.nn.MSELoss(),
+            prepare_batch=ForecastPrepareBatch(),
+        ).run()
+        print(f"\n== ConvLSTM twin (stfilm, {args.convlstm_epochs} epochs) on the same test visits")
+        print(_evaluate(fnet, fdata["test"], changed).round(3).to_string())
+
+
+if __name__ == "__main__":
+    main()
