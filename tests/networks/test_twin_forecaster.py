@@ -54,6 +54,17 @@ class TestTwinForecaster:
             a, b = loaded.forecast(*args), net.forecast(*args)
         torch.testing.assert_close(a[1], b[1])
 
+    @parameterized.expand([(2,), (3,)])
+    def test_ehr_head_with_a_base_starts_at_locf_and_scripts(self, dims):
+        """With ``future_ehr_base`` the untrained EHR head returns the last real interval's features."""
+        net = _net(dims, future_ehr_base=[2, 0]).eval()
+        history, times, mask, iv, ivm, st = _inputs(dims)
+        _, future = net.forecast(history, times, mask, iv, ivm, st)
+        torch.testing.assert_close(future[0], iv[0, 2, [2, 0]])
+        torch.testing.assert_close(future[1], iv[1, 1, [2, 0]])  # sample 1: the third slot is padding
+        scripted = torch.jit.script(net)
+        torch.testing.assert_close(scripted.forecast(history, times, mask, iv, ivm, st)[1], future)
+
     def test_learns_an_ehr_driven_change(self):
         """A toy twin: the next scan brightens a disc in proportion to the dose of the last interval.
         With ST-FiLM the error falls well below copy-last's within a few dozen steps."""
@@ -124,6 +135,8 @@ class TestTwinForecaster:
             ({"out_channels": 2}, "residual=True needs out_channels"),
             ({"spatial_dims": 4}, "spatial_dims"),
             ({"max_history": 0}, "max_history"),
+            ({"future_ehr_dim": 1, "ehr_interval_dim": 3, "future_ehr_base": [3]}, "future_ehr_base indices"),
+            ({"future_ehr_dim": 2, "ehr_interval_dim": 3, "future_ehr_base": [0]}, "one feature index per"),
         ]
     )
     def test_bad_arguments(self, kwargs, match):

@@ -62,6 +62,10 @@ class TwinForecaster(nn.Module):
         time_scale: days per time unit for gaps fed to the network (a year by default).
         residual: predict the change from the last scan (recommended) instead of the scan.
         act, norm: MONAI layer factory names for the encoder/decoder blocks.
+        future_ehr_base: for each future value, the index of an ``ehr_intervals`` feature holding
+            its last known value (the ``<code>:last`` feature with ``carry_forward=True``); the
+            EHR head then predicts the change from it, so the untrained head is
+            last-value-carried-forward -- as the image head starts at copy-last.
 
     Inputs of ``forward`` (``T`` prior visits, padded slots marked in ``history_mask``):
         history ``(B, T, C, *spatial)``, times ``(B, T)`` days from each visit to the target,
@@ -96,6 +100,7 @@ class TwinForecaster(nn.Module):
         residual: bool = True,
         act: str | tuple = "PRELU",
         norm: str | tuple = "INSTANCE",
+        future_ehr_base: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -152,6 +157,21 @@ class TwinForecaster(nn.Module):
             self.ehr_head = nn.Sequential(
                 nn.Linear(self.lstm.out_channels + ehr_embed_dim + 1, 64), nn.GELU(), nn.Linear(64, future_ehr_dim)
             )
+        base = [] if future_ehr_base is None else [int(i) for i in future_ehr_base]
+        if base:
+            if len(base) != future_ehr_dim:
+                raise ValueError(
+                    f"future_ehr_base needs one feature index per future value ({future_ehr_dim}), got {base}."
+                )
+            if min(base) < 0 or max(base) >= ehr_interval_dim:
+                raise ValueError(
+                    f"future_ehr_base indices must lie in [0, ehr_interval_dim={ehr_interval_dim}), got {base}."
+                )
+            # the head then predicts the change from the last value: untrained, it is LOCF
+            nn.init.zeros_(self.ehr_head[-1].weight)
+            nn.init.zeros_(self.ehr_head[-1].bias)
+        self.has_ehr_base = bool(base)
+        self.register_buffer("future_ehr_base", torch.tensor(base, dtype=torch.long), persistent=False)
 
     def _check_inputs(self, history: torch.Tensor, times: torch.Tensor, mask: torch.Tensor) -> None:
         check_forecast_inputs(history, times, mask, self.spatial_dims, self.in_channels, self.max_history)
@@ -215,6 +235,8 @@ class TwinForecaster(nn.Module):
             pooled = h.flatten(2).mean(dim=2)
             gap_to_target = torch.log1p(times[rows, last].clamp(min=0.0) / self.time_scale).unsqueeze(1)
             future = self.ehr_head(torch.cat([pooled, cond[rows, last], gap_to_target], dim=1))
+            if self.has_ehr_base and ehr_intervals is not None:
+                future = future + ehr_intervals[rows, last][:, self.future_ehr_base]
         else:
             future = torch.zeros(b, 0, dtype=out.dtype, device=out.device)
         return out, future
