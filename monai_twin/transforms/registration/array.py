@@ -113,20 +113,46 @@ def _mask_array(mask: Any, name: str, like: MetaTensor) -> np.ndarray | None:
     return (m > 0).astype(np.float32)
 
 
-def _check_stages(stages: str | Sequence[str]) -> tuple[str, ...]:
+BACKENDS = ("simpleitk", "ants", "elastix")
+# stages each engine runs; the optional engines are imported only when used
+BACKEND_STAGES = {
+    "simpleitk": STAGES,
+    "ants": ("translation", "rigid", "similarity", "affine", "syn"),
+    "elastix": ("translation", "rigid", "affine", "bspline"),
+}
+
+
+def _check_stages(stages: str | Sequence[str], backend: str = "simpleitk") -> tuple[str, ...]:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
     stages = (stages,) if isinstance(stages, str) else tuple(stages)
     if not stages:
         raise ValueError("stages must name at least one stage.")
-    unknown = [s for s in stages if s not in STAGES]
+    unknown = [s for s in stages if s not in BACKEND_STAGES[backend]]
     if unknown:
-        raise ValueError(f"unknown registration stage(s) {unknown}; expected names from {STAGES}.")
-    deformable = [i for i, s in enumerate(stages) if s in DEFORMABLE_STAGES]
+        raise ValueError(
+            f"unknown registration stage(s) {unknown} for backend {backend!r}; expected names from "
+            f"{BACKEND_STAGES[backend]}."
+        )
+    deformable = [i for i, s in enumerate(stages) if s in (*DEFORMABLE_STAGES, "syn")]
     if len(deformable) > 1 or (deformable and deformable[0] != len(stages) - 1):
         raise ValueError(
-            f"stages {stages}: at most one deformable stage ({DEFORMABLE_STAGES}) and it must come last, "
+            f"stages {stages}: at most one deformable stage ({DEFORMABLE_STAGES + ('syn',)}) and it must come last, "
             "after the linear ones (e.g. ('rigid', 'affine', 'demons'))."
         )
     return stages
+
+
+def _engine(backend: str):
+    if backend == "ants":
+        from .ants_backend import ants_register
+
+        return ants_register
+    if backend == "elastix":
+        from .elastix_backend import elastix_register
+
+        return elastix_register
+    return sitk_register
 
 
 def _valid_region(src_shape, src_affine, dst_affine, dst_shape, matrix, displacement) -> torch.Tensor:
@@ -238,6 +264,12 @@ class Register(InvertibleTransform):
             in the record) for :class:`RegistrationQuality` to act on.
         min_overlap: share of the fixed grid the registered moving image must cover; less counts as
             an engine failure (some ITK metrics only warn when no sample overlaps).
+        backend: registration engine: ``"simpleitk"`` (default, every stage above), ``"ants"``
+            (antspyx when installed: ``"translation"``, ``"rigid"``, ``"similarity"``,
+            ``"affine"``, then optionally ``"syn"``; ANTs chains its own linear stages and uses its
+            default metrics, pyramid and iterations) or ``"elastix"`` (itk-elastix when installed:
+            ``"translation"``, ``"rigid"``, ``"affine"``, ``"bspline"`` with elastix's default
+            parameter maps). Results are recorded the same way whatever the engine.
 
     Example::
 
@@ -273,8 +305,10 @@ class Register(InvertibleTransform):
         seed: int = 0,
         on_error: str = "raise",
         min_overlap: float = 0.1,
+        backend: str = "simpleitk",
     ) -> None:
-        self.stages = _check_stages(stages)
+        self.backend = backend
+        self.stages = _check_stages(stages, backend)
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
         if on_error not in ("raise", "identity"):
@@ -346,7 +380,7 @@ class Register(InvertibleTransform):
             "failed": None,
         }
         try:
-            result = sitk_register(
+            result = _engine(self.backend)(
                 m_arr, m_aff.numpy(), f_arr, f_aff.numpy(), self.stages, self.options, f_mask, m_mask
             )
             overlap = float(

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import unittest
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
 import numpy as np
 import torch
+from parameterized import parameterized
 
 from monai_twin.transforms.registration import registration_displacement, registration_record
 from monai_twin.transforms.registration.learned import (
     RegisterVoxelMorph,
+    build_voxelmorph,
     displacement_smoothness,
     load_voxelmorph,
     train_voxelmorph,
@@ -80,6 +83,11 @@ class TestVoxelMorph(unittest.TestCase):
             for a, b in zip(model.state_dict().values(), result["model"].state_dict().values()):
                 self.assertTrue(torch.equal(a, b))
             self.assertLess(path.stat().st_size, 5e6)
+            state = torch.load(path, weights_only=True)  # a bare state_dict, the architecture in the JSON
+            self.assertTrue(all(torch.is_tensor(v) for v in state.values()))
+            record = json.loads(path.with_suffix(".json").read_text())
+            self.assertEqual(record["architecture"]["nb_features"], [8, 8, 8])
+            self.assertEqual(record["training"]["steps"], 80)
         reg = RegisterVoxelMorph(model)
         moving = phantom(SHAPE, AFFINE, lambda y: y - SHIFT.reshape(2, 1, 1))
         fixed = phantom(SHAPE, AFFINE)
@@ -103,8 +111,25 @@ class TestVoxelMorph(unittest.TestCase):
         with TemporaryDirectory() as tmp:
             bad = Path(tmp) / "bad.pt"
             torch.save({"weights": torch.zeros(1)}, bad)
+            with self.assertRaisesRegex(ValueError, "no bad.json next to it"):
+                load_voxelmorph(bad)
+            bad.with_suffix(".json").write_text(json.dumps({"architecture": {"spatial_dims": 2}}))
+            torch.save({"weights": [1, 2]}, bad)
             with self.assertRaisesRegex(ValueError, "not a monai_twin VoxelMorph checkpoint"):
                 load_voxelmorph(bad)
+
+    @parameterized.expand([(2, (30, 37), 1), (2, (30, 37), 2), (3, (12, 10, 9), 2)])
+    def test_scaled_network_keeps_the_input_grid(self, ndim, shape, scale):
+        torch.manual_seed(0)
+        net = build_voxelmorph(ndim, (4, 4, 4), integration_steps=2, scale=scale)
+        with torch.no_grad():
+            disp = net(torch.rand(2, 1, *shape), torch.rand(2, 1, *shape))
+        self.assertEqual(tuple(disp.shape), (2, ndim, *shape))
+        self.assertTrue(torch.isfinite(disp).all())
+        # a constant coarse field comes back multiplied by the scale (voxels of the finer grid)
+        net.vxm.forward = lambda s, t: torch.ones(s.shape[0], ndim, *s.shape[2:])
+        disp = net(torch.rand(1, 1, *shape), torch.rand(1, 1, *shape))
+        torch.testing.assert_close(disp, torch.full_like(disp, float(scale)))
 
 
 if __name__ == "__main__":
