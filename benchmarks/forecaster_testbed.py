@@ -211,7 +211,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kind", default="mammo2d", choices=("mammo2d", "mri_roi3d"))
     parser.add_argument("--subjects", type=int, default=160)
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels (mammo2d)")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels / voxels")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-history", type=int, default=4)
@@ -219,6 +219,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--ssim-weight", type=float, default=0.0)
+    parser.add_argument("--ehr-weight", type=float, default=1.0, help="weight of the future-EHR loss term")
     parser.add_argument("--conditioning", nargs="+", default=["stfilm", "film", "channels", "none"])
     parser.add_argument("--no-carry-forward", action="store_true", help="labs only where measured")
     parser.add_argument("--workdir", default=None, help="where cohorts/runs go (default: a temporary folder)")
@@ -235,7 +236,7 @@ def main() -> None:
     from monai_twin.transforms.ehr import EHRFutureValues, EHRToIntervalFeatures, EHRVocabulary
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="twin_testbed_"))
-    config = Mammo2DConfig(size=args.size) if args.kind == "mammo2d" else MRIROI3DConfig()
+    config = Mammo2DConfig(size=args.size) if args.kind == "mammo2d" else MRIROI3DConfig(size=args.size)
     cohort = work / f"{args.kind}_{args.subjects}_{args.size}_{args.seed}"
     start = time.perf_counter()
     if not (cohort / "cohort.json").is_file():
@@ -303,6 +304,7 @@ def main() -> None:
             max_epochs=args.epochs,
             learning_rate=args.lr,
             ssim_weight=args.ssim_weight,
+            ehr_weight=args.ehr_weight,
             val_interval=max(1, args.epochs // 5),
             progress=False,
         )
