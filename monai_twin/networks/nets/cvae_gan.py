@@ -42,7 +42,7 @@ def gaussian_kl(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, 
 
 
 class _SkipUp(nn.Module):
-    def __init__(self, spatial_dims: int, c_in: int, c_out: int, act: str | tuple, norm: str | tuple) -> None:
+    def __init__(self, spatial_dims: int, c_in: int, c_out: int, act: str | tuple, norm: str | tuple | None) -> None:
         super().__init__()
         self.up = UpSample(spatial_dims, c_in, c_out, scale_factor=2, mode="deconv")
         self.conv = Convolution(spatial_dims, 2 * c_out, c_out, act=act, norm=norm)
@@ -52,7 +52,7 @@ class _SkipUp(nn.Module):
 
 
 def _encoder(
-    spatial_dims: int, c_in: int, channels: Sequence[int], act: str | tuple, norm: str | tuple
+    spatial_dims: int, c_in: int, channels: Sequence[int], act: str | tuple, norm: str | tuple | None
 ) -> nn.ModuleList:
     layers = nn.ModuleList()
     for level, c in enumerate(channels):
@@ -73,7 +73,12 @@ class CVAEGANRefiner(nn.Module):
         latent_channels: channels of ``z``.
         learned_prior: learn ``p(z | forecast, context)``; ``False``: a standard normal prior.
         logvar_range: clamp of the predicted log-variances (numerical safety).
-        act, norm: MONAI layer factory names.
+        change_scale: the posterior sees ``(target - forecast) * change_scale`` and the decoder's
+            correction is divided by it: visit-to-visit changes are a few percent of the intensity
+            range, which the normalised encoders would otherwise drown in the anatomy.
+        act, norm: MONAI layer factory names. No normalisation by default: a per-sample norm
+            (instance, group) removes the global amplitude of a change that ``z`` carries, and the
+            decoder then learns to ignore the latent (posterior collapse).
 
     Shapes:
         forecast ``(B, C, *spatial)``, context ``(B, context_channels, *spatial)``, target
@@ -96,8 +101,9 @@ class CVAEGANRefiner(nn.Module):
         latent_channels: int = 4,
         learned_prior: bool = True,
         logvar_range: tuple[float, float] = (-8.0, 4.0),
+        change_scale: float = 20.0,
         act: str | tuple = "PRELU",
-        norm: str | tuple = "INSTANCE",
+        norm: str | tuple | None = None,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -117,6 +123,9 @@ class CVAEGANRefiner(nn.Module):
         self.learned_prior = learned_prior
         self.levels = len(channels)
         self.logvar_min, self.logvar_max = float(logvar_range[0]), float(logvar_range[1])
+        if not change_scale > 0:
+            raise ValueError(f"change_scale must be > 0, got {change_scale}.")
+        self.change_scale = float(change_scale)
         conv = Convolution
         deep = channels[-1]
         self.cond_encoder = _encoder(spatial_dims, in_channels + context_channels, channels, act, norm)
@@ -189,7 +198,7 @@ class CVAEGANRefiner(nn.Module):
         y = self.bridge(torch.cat([skips[-1], z], dim=1))
         for i, block in enumerate(self.decoder):
             y = block(y, skips[-2 - i])
-        return forecast + self.head(y)
+        return forecast + self.head(y) / self.change_scale
 
     @torch.jit.export
     def prior(self, forecast: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,7 +212,8 @@ class CVAEGANRefiner(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance of ``q(z | target, forecast, context)`` (training only)."""
         self._check(forecast, context, "target", target)
-        x = torch.cat([target.to(forecast.dtype), self._inputs(forecast, context)], dim=1)
+        change = (target.to(forecast.dtype) - forecast) * self.change_scale
+        x = torch.cat([change, self._inputs(forecast, context)], dim=1)
         for block in self.posterior_encoder:
             x = block(x)
         return self._split(self.posterior_head(x))
@@ -234,21 +244,22 @@ class CVAEGANRefiner(nn.Module):
         self, forecast: torch.Tensor, context: torch.Tensor | None = None, num_samples: int = 8
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and per-pixel standard deviation ``(B, C, *spatial)`` of ``num_samples`` refined forecasts,
-        ``z`` drawn from the prior."""
+        ``z`` drawn from the prior (no gradients)."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
         self._check(forecast, context, "forecast", None)
-        skips = self._features(forecast, context)
-        mu, logvar = self._prior(skips)
-        total = torch.zeros_like(forecast)
-        total_sq = torch.zeros_like(forecast)
-        for _ in range(num_samples):
-            refined = self._decode(forecast, skips, mu + torch.exp(0.5 * logvar) * torch.randn_like(mu))
-            total = total + refined
-            total_sq = total_sq + refined * refined
-        mean = total / num_samples
-        var = (total_sq / num_samples - mean * mean).clamp(min=0.0) * (num_samples / max(num_samples - 1, 1))
-        return mean, torch.sqrt(var)
+        with torch.no_grad():
+            skips = self._features(forecast, context)
+            mu, logvar = self._prior(skips)
+            # Welford's running mean / sum of squared deviations: stable where the draws barely differ
+            mean = torch.zeros_like(forecast)
+            m2 = torch.zeros_like(forecast)
+            for k in range(num_samples):
+                refined = self._decode(forecast, skips, mu + torch.exp(0.5 * logvar) * torch.randn_like(mu))
+                delta = refined - mean
+                mean = mean + delta / (k + 1)
+                m2 = m2 + delta * (refined - mean)
+        return mean, torch.sqrt(m2 / max(num_samples - 1, 1))
 
 
 def _last_scan(history: torch.Tensor, history_mask: torch.Tensor | None) -> torch.Tensor:
@@ -338,7 +349,7 @@ class CVAEGANTrainingStep:
 
     Generator loss: ``rec_weight * L1(refined_posterior, target) + kl_weight * KL
     + adv_weight * adversarial(refined from posterior and prior)``; discriminator loss: the patch
-    adversarial loss on ``[target, context]`` (real) vs ``[refined, context]`` (fake). The
+    adversarial loss on ``[target - context, context]`` (real) vs ``[refined - context, context]`` (fake). The
     discriminator is conditional: its ``in_channels`` is the scans' channels + the context's.
 
     Args:
@@ -365,7 +376,7 @@ class CVAEGANTrainingStep:
         forecaster: nn.Module | None = None,
         rec_weight: float = 1.0,
         kl_weight: float = 1e-3,
-        adv_weight: float = 1e-2,
+        adv_weight: float = 1e-3,
         criterion: str = "least_squares",
     ) -> None:
         self.refiner = refiner
@@ -379,7 +390,9 @@ class CVAEGANTrainingStep:
         self.adversarial = PatchAdversarialLoss(criterion=criterion)
 
     def _critic(self, image: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        x = image if context is None else torch.cat([image, context.to(image.dtype)], dim=1)
+        # the critic sees the change from the context (the last scan) beside the context: the changes
+        # are small next to the anatomy, and a critic of whole images cannot tell them apart
+        x = image if context is None else torch.cat([image - context.to(image.dtype), context.to(image.dtype)], dim=1)
         out = self.discriminator(x)
         return out[-1] if isinstance(out, (list, tuple)) else out
 
