@@ -186,16 +186,22 @@ def _what_if(net, manifest, cohort, subjects, images, encode, scale, spacing_mm2
             continue  # no lesion: nothing to change
         recorded = resimulate(subject).events
         recorded = recorded.assign(time=subject.to_days(recorded["time"]))
-        edits = [
-            dict(item, events=edit_events(item["events"], subject.drug_code, value=d, after=t_last))
-            for d in WHAT_IF_DOSES
-        ]
-        true_edits = [pd_frame(edit_events(recorded, subject.drug_code, value=d, after=t_last)) for d in WHAT_IF_DOSES]
+        doses, edits, true_edits = [], [], []
+        for d in WHAT_IF_DOSES:
+            try:
+                edited = edit_events(item["events"], subject.drug_code, value=d, after=t_last, exposure=True)
+            except ValueError:  # e.g. stopping a drug that is not taken: nothing to ask
+                continue
+            doses.append(d)
+            edits.append(dict(item, events=edited))
+            true_edits.append(pd_frame(edit_events(recorded, subject.drug_code, value=d, after=t_last, exposure=True)))
+        if not edits:
+            continue
         batch = [_sample(x, images, encode, target=False) for x in (item, *edits)]
         stacked = {k: torch.stack([b[k] for b in batch]) for k in KEYS}
         pred, _ = _forecast(net, stacked)
         predicted = ((pred[1:] - pred[:1]).flatten(1).sum(1) * spacing_mm2 * scale).tolist()
-        for d, p, ev in zip(WHAT_IF_DOSES, predicted, true_edits):
+        for d, p, ev in zip(doses, predicted, true_edits):
             true = subject_truth(subject, ev, days=[t_target])["lesion_area_mm2"].iloc[0] - factual
             pairs.append({"subject_id": sid, "dose": d, "predicted_mm2": p, "true_mm2": float(true)})
     return pairs
@@ -219,7 +225,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--ssim-weight", type=float, default=0.0)
-    parser.add_argument("--ehr-weight", type=float, default=1.0, help="weight of the future-EHR loss term")
+    parser.add_argument("--ehr-weight", type=float, default=0.01, help="weight of the future-EHR loss term")
     parser.add_argument("--conditioning", nargs="+", default=["stfilm", "film", "channels", "none"])
     parser.add_argument("--no-carry-forward", action="store_true", help="labs only where measured")
     parser.add_argument("--workdir", default=None, help="where cohorts/runs go (default: a temporary folder)")

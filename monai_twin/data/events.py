@@ -86,6 +86,7 @@ def edit_events(
     before: float = np.inf,
     start_suffix: str = "//START",
     stop_suffix: str = "//STOP",
+    exposure: bool | None = None,
 ) -> dict[str, np.ndarray]:
     """A copy of ``events`` with ``code`` changed in the window ``[after, before)`` (days).
 
@@ -100,6 +101,9 @@ def edit_events(
             a positive value also starts it where it was not taken).
         after, before: the window in the subject's days (default: all time).
         start_suffix, stop_suffix: how exposure events are marked.
+        exposure: treat ``code`` as an exposure drug (``True``) or a plain code (``False``);
+            ``None`` decides from the events (start/stop rows present). Pass ``True`` to start a
+            drug the patient has never had (``value=`` a daily dose).
 
     Returns:
         dict of arrays with the same columns; rows in time order (rows without a time first).
@@ -124,8 +128,9 @@ def edit_events(
         raise ValueError(f"the window [after={after}, before={before}) is empty.")
     columns = _as_arrays(events)
     codes = np.asarray(columns["code"], dtype=object)
-    exposure = np.isin(codes, [code + start_suffix, code + stop_suffix])
-    if exposure.any() and not (codes == code).any():
+    if exposure is None:
+        exposure = bool(np.isin(codes, [code + start_suffix, code + stop_suffix]).any() and not (codes == code).any())
+    if exposure:
         return _edit_exposure(columns, code, factor, setting, after, before, start_suffix, stop_suffix)
     times = np.asarray(columns["time"], dtype=np.float64)
     hit = (codes == code) & (times >= after) & (times < before)
@@ -156,6 +161,8 @@ def _edit_exposure(
     drug = np.isin(codes, [code + start_suffix, code + stop_suffix])
     inside = drug & (times >= after) & (times < before)
     # the points where the edited dose may change: the window start and the recorded changes in it
+    if not np.isfinite(after) and not change_times.size:
+        raise ValueError(f"no {code + start_suffix!r}/{code + stop_suffix!r} events: give after= to start {code!r}.")
     lo = after if np.isfinite(after) else change_times[0]
     points = np.unique(np.concatenate([[lo], change_times[(change_times > lo) & (change_times < before)]]))
     recorded = _level_at(change_times, level, points, inclusive=True)
@@ -182,8 +189,10 @@ def _edit_exposure(
     if np.isfinite(before):
         switch(float(before), current, float(_level_at(change_times, level, np.array([before]), inclusive=False)[0]))
     keep = ~inside
-    template = int(np.flatnonzero(drug)[0])
     n = len(new_t)
+    # new rows copy the other columns (unit, subject_id, ...) from a recorded dose of the drug, else
+    # from any timed row (the unit is then left empty)
+    template = int(np.flatnonzero(drug)[0]) if drug.any() else int(np.argmax(np.isfinite(times)))
     added: dict[str, np.ndarray] = {}
     for key, column in columns.items():
         if key == "time":
@@ -192,7 +201,7 @@ def _edit_exposure(
             added[key] = np.asarray(new_code, dtype=column.dtype)
         elif key == "numeric_value":
             added[key] = np.asarray(new_dose, dtype=np.float64)
-        elif key == "text_value":
+        elif key == "text_value" or (key == "unit" and not drug.any()):
             added[key] = np.full(n, None, dtype=object) if column.dtype == object else np.full(n, np.nan)
         else:  # unit, subject_id, ...: as on the drug's recorded rows
             added[key] = np.repeat(column[template : template + 1], n)

@@ -136,7 +136,7 @@ def train_forecaster(
     learning_rate: float = 1e-3,
     spatial_dims: int | None = None,
     ssim_weight: float = 0.1,
-    ehr_weight: float = 1.0,
+    ehr_weight: float = 0.01,
     data_range: float = 1.0,
     val_interval: int = 1,
     device: str | torch.device = "cpu",
@@ -160,7 +160,10 @@ def train_forecaster(
         train_data, val_data: iterables (e.g. MONAI ``DataLoader``) of collated batches.
         output_dir: where checkpoints and logs go (created).
         spatial_dims: for the SSIM terms; default the network's ``spatial_dims`` attribute.
-        ssim_weight, ehr_weight, data_range: see :class:`ForecastLoss` / :class:`ForecastTrainer`.
+        ssim_weight, ehr_weight, data_range: see :class:`ForecastLoss` / :class:`ForecastTrainer`. The
+            default ``ehr_weight`` balances the terms' usual sizes: the image MSE of [0, 1] scans is
+            ~1e-3, the squared error of normalised EHR values ~0.1; a larger weight lets the EHR
+            term steer the shared features away from the image.
         progress, tensorboard: turn the progress bar / the TensorBoard log off.
         extra_handlers: more trainer handlers (attached after the default ones).
         loss_function: replaces :class:`ForecastLoss`.

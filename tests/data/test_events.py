@@ -65,6 +65,13 @@ def test_edit_without_an_event_in_the_window_still_changes_the_dose():
     np.testing.assert_array_equal(level, [20.0, 40.0, 0.0])
     started = edit_events(_events(), DRUG, value=5.0, after=250.0)
     assert running_dose(started, DRUG)[1][-1] == 5.0
+    # a drug the patient never had: exposure=True says what the code is
+    never = {k: v[[0, 2]] for k, v in _events().items()}
+    first = edit_events(never, DRUG, value=10.0, after=60.0, exposure=True)
+    assert list(first["code"][-1:]) == [DRUG + "//START"] and first["unit"][-1] is None
+    np.testing.assert_array_equal(running_dose(first, DRUG)[1], [10.0])
+    with pytest.raises(ValueError, match="give after="):
+        edit_events(never, DRUG, value=10.0, exposure=True)
 
 
 def test_edits_that_change_nothing_or_are_malformed_are_errors():

@@ -93,6 +93,7 @@ def test_train_forecaster_checkpoints_logs_and_learns(cohort, tmp_path):
         output_dir=tmp_path / "run",
         max_epochs=8,
         learning_rate=3e-3,
+        ehr_weight=1.0,
         progress=False,
         extra_handlers=[Recorder()],
     )
