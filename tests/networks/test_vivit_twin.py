@@ -173,6 +173,14 @@ class TestViViTTwin:
             torch.testing.assert_close(loaded(*args), net(*args))
             torch.testing.assert_close(loaded.forecast(*args)[1], net.forecast(*args)[1])
 
+    def test_future_ehr_base_starts_at_last_value(self):
+        net = _net(2, future_ehr_base=[2, 0])
+        history, times, mask, iv, ivm, st = _inputs(2)
+        _, future = net.forecast(history, times, mask, iv, ivm, st)
+        torch.testing.assert_close(future, torch.stack([iv[0, 2][[2, 0]], iv[1, 1][[2, 0]]]))
+        with pytest.raises(ValueError, match="one feature index per future value"):
+            _net(2, future_ehr_base=[0])
+
     def test_swaps_for_twin_forecaster(self):
         """Same keywords as TwinForecaster: the engines' keyword call works for both."""
         history, times, mask, iv, ivm, st = _inputs(2)

@@ -76,6 +76,9 @@ class ViViTTwin(nn.Module):
             ``"learnable"``, ...).
         dropout_rate: dropout in the transformer.
         act, norm: MONAI layer factory names for the decoder blocks.
+        future_ehr_base: for each future value, the index of an ``ehr_intervals`` feature holding
+            its last known value; the EHR head then predicts the change from it (untrained: LOCF),
+            as in :class:`TwinForecaster`.
 
     Inputs of ``forward`` / ``forecast`` are those of :class:`TwinForecaster`: history
     ``(B, T, C, *spatial)``, times ``(B, T)`` days from each visit to the target, history_mask
@@ -117,6 +120,7 @@ class ViViTTwin(nn.Module):
         dropout_rate: float = 0.0,
         act: str | tuple = "PRELU",
         norm: str | tuple = "INSTANCE",
+        future_ehr_base: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -209,6 +213,21 @@ class ViViTTwin(nn.Module):
             self.ehr_head = nn.Sequential(
                 nn.Linear(hidden_size + ehr_embed_dim + 1, 64), nn.GELU(), nn.Linear(64, future_ehr_dim)
             )
+        base = [] if future_ehr_base is None else [int(i) for i in future_ehr_base]
+        if base:
+            if len(base) != future_ehr_dim:
+                raise ValueError(
+                    f"future_ehr_base needs one feature index per future value ({future_ehr_dim}), got {base}."
+                )
+            if min(base) < 0 or max(base) >= ehr_interval_dim:
+                raise ValueError(
+                    f"future_ehr_base indices must lie in [0, ehr_interval_dim={ehr_interval_dim}), got {base}."
+                )
+            # the head then predicts the change from the last value: untrained, it is LOCF
+            nn.init.zeros_(self.ehr_head[-1].weight)
+            nn.init.zeros_(self.ehr_head[-1].bias)
+        self.has_ehr_base = bool(base)
+        self.register_buffer("future_ehr_base", torch.tensor(base, dtype=torch.long), persistent=False)
 
     def _time_features(self, days: torch.Tensor) -> torch.Tensor:
         scaled = days.clamp(min=0.0) / self.time_scale
@@ -278,6 +297,8 @@ class ViViTTwin(nn.Module):
         if self.ehr_head is not None:
             gap_feature = torch.log1p(gap.clamp(min=0.0) / self.time_scale).unsqueeze(1)
             future = self.ehr_head(torch.cat([out_tokens[:, 0], cond[rows, last], gap_feature], dim=1))
+            if self.has_ehr_base and ehr_intervals is not None:
+                future = future + ehr_intervals[rows, last][:, self.future_ehr_base]
         else:
             future = torch.zeros(b, 0, dtype=out.dtype, device=out.device)
         return out, future
