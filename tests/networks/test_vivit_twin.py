@@ -150,15 +150,15 @@ class TestViViTTwin:
                 b = net(history, times, mask, iv + 1.0, ivm, st + 1.0)
             assert bool((a - b).abs().max() > 1e-4) == moves, cond
 
-    @parameterized.expand([(2,), (3,)])
-    def test_gradients_reach_every_parameter(self, dims):
-        net = _perturb(_net(dims))
+    @parameterized.expand([(2, "tokens"), (3, "tokens"), (2, "none")])
+    def test_gradients_reach_every_parameter(self, dims, cond):
+        net = _perturb(_net(dims, cond))
         pred, future = net.forecast(*_inputs(dims))
         (pred.square().mean() + future.square().mean()).backward()
         # MONAI's TransformerBlock always builds norm_cross_attn, used only with cross-attention
         trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad and "norm_cross_attn" not in n]
         missing = [n for n, p in trainable if p.grad is None or not bool(p.grad.abs().sum() > 0)]
-        assert len(trainable) > 40 and missing == []
+        assert len(trainable) > 30 and missing == []
         assert not net.patch_embedding.position_embeddings.requires_grad  # sincos positions are fixed
 
     @parameterized.expand([(2,), (3,)])

@@ -161,7 +161,6 @@ class ViViTTwin(nn.Module):
         self.future_ehr_dim = future_ehr_dim
         self.hidden_size = hidden_size
         self.ehr_tokens = conditioning == "tokens"
-        self.use_static = self.ehr_tokens and ehr_static_dim > 0
 
         self.patch_embedding = PatchEmbeddingBlock(
             in_channels,
@@ -177,8 +176,11 @@ class ViViTTwin(nn.Module):
         self.ehr_encoder = EHREncoder(ehr_interval_dim, ehr_static_dim, ehr_embed_dim, time_scale=time_scale)
         # time to the target, added to every token of a frame: irregular gaps are seen as they are
         self.time_embedding = nn.Sequential(nn.Linear(2, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
-        self.ehr_to_token = nn.Linear(ehr_embed_dim, hidden_size)
-        self.static_to_token = nn.Linear(max(ehr_static_dim, 1), hidden_size)
+        # built only when used, so every parameter gets a gradient (DDP without find_unused_parameters)
+        self.ehr_to_token: nn.Module | None = nn.Linear(ehr_embed_dim, hidden_size) if self.ehr_tokens else None
+        self.static_to_token: nn.Module | None = (
+            nn.Linear(ehr_static_dim, hidden_size) if self.ehr_tokens and ehr_static_dim > 0 else None
+        )
         self.gap_embedding = nn.Sequential(nn.Linear(2, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
         self.frame_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
         self.target_token = nn.Parameter(torch.zeros(1, hidden_size))
@@ -259,13 +261,13 @@ class ViViTTwin(nn.Module):
 
         patches = self.patch_embedding(history.reshape([b * t] + list(history.shape[2:]))).reshape(b, t, n, d)
         global_tokens = self.frame_token.expand(b, t, d)
-        if self.ehr_tokens:
+        if self.ehr_to_token is not None:
             global_tokens = global_tokens + self.ehr_to_token(cond)
         frames = torch.cat([global_tokens.unsqueeze(2), patches], dim=2)
         frames = frames + self.time_embedding(self._time_features(times)).unsqueeze(2)
 
         target_global = self.target_token.expand(b, d) + self.gap_embedding(self._time_features(gap))
-        if self.use_static and ehr_static is not None:
+        if self.static_to_token is not None and ehr_static is not None:
             target_global = target_global + self.static_to_token(ehr_static.to(times.dtype))
         target_patches = self.target_query + self.patch_embedding.position_embeddings
         target = torch.cat([target_global.unsqueeze(1), target_patches.expand(b, n, d)], dim=1)
