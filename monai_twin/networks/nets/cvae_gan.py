@@ -280,6 +280,9 @@ class RefinedTwin(nn.Module):
         forecaster: a :class:`TwinForecaster` or :class:`ViViTTwin` (anything with ``forecast``).
         refiner: the refinement head, ``context_channels`` equal to the scans' channels.
         freeze_forecaster: run the forecaster without gradients (the usual second training stage).
+
+    TorchScript: script the forecaster and the refiner separately (both script); this wrapper holds
+    any forecaster module and stays Python.
     """
 
     def __init__(self, forecaster: nn.Module, refiner: CVAEGANRefiner, freeze_forecaster: bool = True) -> None:
