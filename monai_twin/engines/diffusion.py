@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.engines.utils import DiffusionPrepareBatch
+from monai.utils import convert_to_tensor
 
 from ..inferers.diffusion import DIFFUSION_CONDITION_KEYS, _is_rflow
 
@@ -83,8 +84,13 @@ class DiffusionTwinPrepareBatch(DiffusionPrepareBatch):
         missing = [k for k in (self.prior_key, self.target_key, *self.condition_keys) if k not in batchdata]
         if missing:
             raise KeyError(f"DiffusionTwinPrepareBatch: the batch has no {missing} (keys: {sorted(batchdata)}).")
-        prior = batchdata[self.prior_key].to(device=device, non_blocking=non_blocking, **kwargs)
-        target = batchdata[self.target_key].to(device=device, non_blocking=non_blocking, **kwargs)
+
+        def move(key: str) -> torch.Tensor:
+            # plain tensors: MetaTensor's per-op bookkeeping makes the small attention layers several times slower
+            value = convert_to_tensor(batchdata[key], track_meta=False)
+            return value.to(device=device, non_blocking=non_blocking, **kwargs)
+
+        prior, target = move(self.prior_key), move(self.target_key)
         if prior.shape != target.shape:
             raise ValueError(
                 f"batch[{self.prior_key!r}] {tuple(prior.shape)} != batch[{self.target_key!r}] {tuple(target.shape)}."
@@ -92,9 +98,7 @@ class DiffusionTwinPrepareBatch(DiffusionPrepareBatch):
         x0 = (target - prior) / self.residual_scale if self.residual_scale > 0 else target
         noise = self.get_noise(x0)
         timesteps = self.get_timesteps(x0).to(x0.device)
-        conditions = {
-            k: batchdata[k].to(device=device, non_blocking=non_blocking, **kwargs) for k in self.condition_keys
-        }
+        conditions = {k: move(k) for k in self.condition_keys}
         drop = (torch.rand(x0.shape[0], device=x0.device) < self.condition_dropout).float()
         infer_kwargs = {"noise": noise, "timesteps": timesteps, "prior": prior, "drop_condition": drop, **conditions}
         return x0, self.get_target(x0, noise, timesteps), (), infer_kwargs
@@ -234,8 +238,8 @@ def train_autoencoder(
     Returns:
         the mean training loss of each epoch.
     """
-    from monai.data import DataLoader
     from monai.engines import SupervisedTrainer
+    from torch.utils.data import DataLoader
 
     from ..networks.diffusion import AutoencoderKLLoss
 
@@ -244,6 +248,7 @@ def train_autoencoder(
     if not bool(torch.isfinite(images).all()):
         raise ValueError("images contains NaN or infinite values.")
     torch.manual_seed(seed)
+    # torch's DataLoader: plain tensors (MONAI's collate makes MetaTensors, slower for no benefit here)
     loader = DataLoader([{"image": im, "label": im} for im in images], batch_size=batch_size, shuffle=True)
     trainer = SupervisedTrainer(
         device=torch.device(device),
@@ -289,8 +294,8 @@ def train_diffusion_twin(
     Returns:
         the mean training loss of each epoch.
     """
-    from monai.data import DataLoader
     from monai.engines import SupervisedTrainer
+    from torch.utils.data import DataLoader
 
     from ..inferers.diffusion import TwinDiffusionInferer
 

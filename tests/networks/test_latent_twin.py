@@ -12,6 +12,16 @@ from monai_twin.networks.diffusion import (
     kl_divergence,
 )
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These networks are tiny: a second thread gains nothing and, on a loaded machine, costs several-fold."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 N_CODES, STATIC = 6, 3
 
 
