@@ -53,6 +53,7 @@ MAMMO_METHODS: dict[str, dict] = {
     "+bspline": {"stages": (*LINEAR, "bspline")},
 }
 CLASSICAL_CHAIN = "+fast_symmetric_demons"
+STEP_CLASSICAL, STEP_LEARNED = "step only: fast_symmetric_demons", "step only: voxelmorph"
 EXTERNAL_NAMES = {"ants": "ANTs SyN (antspyx, own rigid+affine)", "elastix": "elastix rigid+affine+B-spline (defaults)"}
 MRI_METHODS: dict[str, dict] = {
     "rigid (correlation)": {"stages": ("rigid",), "metric": "correlation"},
@@ -178,39 +179,8 @@ def run_mammo(args, learned=None) -> tuple[str, dict]:
                 {"time": float(res["seconds"]), **_scores(res["warped"], f, res["field"], truth, tissue)}
             )
         if learned is not None:
-            # the deformable step alone, classical vs learned, both after the same affine result,
-            # timed alternately (one call each, repeated) so both see the same machine load
-            affine_out = Register(stages=LINEAR, num_threads=threads)(moving, fixed)
-            ssim_affine = ssim(affine_out[0].numpy(), f, data_range=1.0, mask=tissue)
-            steps = {
-                "step only: fast_symmetric_demons": Register(stages=("fast_symmetric_demons",), num_threads=threads),
-                "step only: voxelmorph": learned,
-            }
-            times: dict[str, list[float]] = {k: [] for k in steps}
-            compute_times: dict[str, list[float]] = {k: [] for k in steps}
-            outs = {}
-            for _ in range(max(3, args.runs)):
-                for name, step in steps.items():
-                    start = time.perf_counter()
-                    outs[name] = step(affine_out, fixed)
-                    times[name].append(time.perf_counter() - start)
-                    start = time.perf_counter()
-                    step.compute(affine_out, fixed)
-                    compute_times[name].append(time.perf_counter() - start)
-            for name, out in outs.items():
-                field = _chain_fields(
-                    registration_displacement(out, space="voxel", index=0),
-                    registration_displacement(out, space="voxel", index=1),
-                )
-                scores = _scores(out[0].numpy(), f, field, truth, tissue)
-                per_method.setdefault(name, []).append(
-                    {
-                        "time": statistics.median(times[name]),
-                        "compute": statistics.median(compute_times[name]),
-                        "ssim_gain": scores["ssim"] - ssim_affine,
-                        **scores,
-                    }
-                )
+            for name, res in _step_comparison(moving, fixed, truth, tissue, learned, args).items():
+                per_method.setdefault(name, []).append(res)
         print(f"  mammo {sid} done", file=sys.stderr)
     rows = []
     ants_times = [r["time"] for r in per_method.get(EXTERNAL_NAMES["ants"], [])]
@@ -247,22 +217,62 @@ def run_mammo(args, learned=None) -> tuple[str, dict]:
         rows,
     )
     if learned is not None:
-        classical, vxm = "step only: fast_symmetric_demons", "step only: voxelmorph"
-        c, v = per_method[classical], per_method[vxm]
-        speed = _median([a["time"] / b["time"] for a, b in zip(c, v)])
-        speed_compute = _median([a["compute"] / b["compute"] for a, b in zip(c, v)])
-        share = _median([b["ssim_gain"] for b in v]) / _median([a["ssim_gain"] for a in c])
-        table += (
-            f"\n\nlearned vs classical deformable step (after the same rigid+affine result): "
-            f"{speed:.1f}x faster per transform call (median over pairs of the per-pair ratio; "
-            f"{speed_compute:.1f}x for the registration alone, without resampling and before/after metrics), "
-            f"{100 * share:.0f} % of its median SSIM gain over affine "
-            f"(classical +{_median([a['ssim_gain'] for a in c]):.3f}, learned +{_median([b['ssim_gain'] for b in v]):.3f}; "
-            f"targets: >= 20x, >= 95 %)"
-        )
+        table += "\n\n" + _step_summary(per_method)
     if args.figure and example is not None:
         _figure(example, args.figure)
     return table, per_method
+
+
+def _step_comparison(moving, fixed, truth, mask, learned, args) -> dict[str, dict]:
+    """The deformable step alone, classical vs learned, both after the same rigid+affine result,
+    timed alternately (one call each, repeated) so both see the same machine load."""
+    f = fixed[0].numpy()
+    affine_out = Register(stages=LINEAR, num_threads=args.threads)(moving, fixed)
+    ssim_affine = ssim(affine_out[0].numpy(), f, data_range=1.0, mask=mask)
+    steps = {
+        STEP_CLASSICAL: Register(stages=("fast_symmetric_demons",), num_threads=args.threads),
+        STEP_LEARNED: learned,
+    }
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    compute_times: dict[str, list[float]] = {k: [] for k in steps}
+    outs = {}
+    for _ in range(max(3, args.runs)):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            outs[name] = step(affine_out, fixed)
+            times[name].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            step.compute(affine_out, fixed)
+            compute_times[name].append(time.perf_counter() - start)
+    results = {}
+    for name, out in outs.items():
+        field = _chain_fields(
+            registration_displacement(out, space="voxel", index=0),
+            registration_displacement(out, space="voxel", index=1),
+        )
+        scores = _scores(out[0].numpy(), f, field, truth, mask)
+        results[name] = {
+            "time": statistics.median(times[name]),
+            "compute": statistics.median(compute_times[name]),
+            "ssim_gain": scores["ssim"] - ssim_affine,
+            **scores,
+        }
+    return results
+
+
+def _step_summary(per_method: dict[str, list[dict]]) -> str:
+    c, v = per_method[STEP_CLASSICAL], per_method[STEP_LEARNED]
+    speed = _median([a["time"] / b["time"] for a, b in zip(c, v)])
+    speed_compute = _median([a["compute"] / b["compute"] for a, b in zip(c, v)])
+    gain_c, gain_v = _median([a["ssim_gain"] for a in c]), _median([b["ssim_gain"] for b in v])
+    return (
+        f"learned vs classical deformable step (after the same rigid+affine result, {len(c)} pairs): "
+        f"{speed:.1f}x faster per transform call (median of per-pair ratios; {speed_compute:.1f}x for the "
+        f"registration alone, without resampling and before/after metrics), {100 * gain_v / gain_c:.0f} % of "
+        f"its median SSIM gain over affine (classical {gain_c:+.4f}, learned {gain_v:+.4f}); "
+        f"EPE classical {_median([a['epe'] for a in c]):.3f}, learned {_median([b['epe'] for b in v]):.3f} "
+        "(targets: >= 20x, >= 95 %)"
+    )
 
 
 def _chain_fields(first: torch.Tensor, second: torch.Tensor) -> np.ndarray:
@@ -318,10 +328,11 @@ def _rigid_voxel_map(t) -> np.ndarray:
     return m
 
 
-def run_mri(args) -> str:
+def run_mri(args, learned=None) -> str:
     from monai_twin.data.synthetic.cohort import resimulate, simulate_subject
 
     results: dict[str, list[dict]] = {name: [] for name in MRI_METHODS}
+    steps: dict[str, list[dict]] = {}
     for i in range(args.subjects):
         subject = simulate_subject("mri_roi3d", i, seed=args.seed)
         visits = resimulate(subject)
@@ -334,7 +345,7 @@ def run_mri(args) -> str:
         truth = np.linalg.inv(a1) @ a0  # fixed voxel -> moving voxel
         centre = np.append((np.asarray(fixed.shape[1:]) - 1) / 2.0, 1.0)
         for name, kwargs in MRI_METHODS.items():
-            reg = Register(levels=(2, 1), **kwargs)
+            reg = Register(levels=(2, 1), num_threads=args.threads, **kwargs)
             out, seconds = _timed(reg, args.runs, moving, fixed)
             world = registration_record(out)["matrix"].numpy()
             est = np.linalg.inv(affine.numpy()) @ world @ affine.numpy()
@@ -342,6 +353,12 @@ def run_mri(args) -> str:
             angle = float(np.degrees(np.arccos(np.clip((np.trace(rel) - 1) / 2, -1, 1))))
             shift = float(np.linalg.norm((est @ centre - truth @ centre)[:3]))
             results[name].append({"time": seconds, "rotation": angle, "translation": shift})
+        if learned is not None:
+            grid = np.indices(fixed.shape[1:], dtype=np.float64)
+            field = np.tensordot(truth[:3, :3], grid, axes=1) + truth[:3, 3].reshape(3, 1, 1, 1) - grid
+            brain = fixed[0].numpy() > 0.05
+            for name, res in _step_comparison(moving, fixed, field.astype(np.float32), brain, learned, args).items():
+                steps.setdefault(name, []).append(res)
         print(f"  mri {subject.subject_id} done", file=sys.stderr)
     rows = [
         [
@@ -355,7 +372,10 @@ def run_mri(args) -> str:
         for name, res in results.items()
     ]
     header = ["method", "time s", "rotation err deg (median)", "(max)", "translation err vox (median)", "(max)"]
-    return _table(f"MRI ROI 3D rigid ({args.subjects} pairs, 64^3 at 1.5 mm)", header, rows)
+    table = _table(f"MRI ROI 3D rigid ({args.subjects} pairs, 64^3 at 1.5 mm, {args.threads} thread(s))", header, rows)
+    if learned is not None:
+        table += "\n\n3D " + _step_summary(steps)
+    return table
 
 
 # -- MNI152 anchors ------------------------------------------------------------------------------
@@ -535,6 +555,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--figure", default=None, help="PNG path for a mammography example figure")
     parser.add_argument("--voxelmorph", default=None, help="trained 2D VoxelMorph weights to include in the table")
+    parser.add_argument("--voxelmorph-3d", default=None, help="trained 3D VoxelMorph weights for the MRI section")
     parser.add_argument("--ants-python", default=None, help="python of a venv with antspyx: adds ANTs SyN rows")
     parser.add_argument("--elastix-python", default=None, help="python of a venv with itk-elastix: adds elastix rows")
     parser.add_argument("--threads", type=int, default=1, help="threads for every method (torch, SimpleITK, ITK)")
@@ -544,17 +565,18 @@ def main() -> None:
         memory_child(args.memory_child)
         return
     torch.set_num_threads(args.threads)
-    learned = None
-    if args.voxelmorph:
+    learned = learned_3d = None
+    if args.voxelmorph or args.voxelmorph_3d:
         from monai_twin.transforms.registration.learned import RegisterVoxelMorph
 
-        learned = RegisterVoxelMorph(args.voxelmorph)
+        learned = RegisterVoxelMorph(args.voxelmorph) if args.voxelmorph else None
+        learned_3d = RegisterVoxelMorph(args.voxelmorph_3d) if args.voxelmorph_3d else None
     print(f"# registration accuracy (seed {args.seed}, {args.runs} timed run(s) per pair)")
     for section in args.sections:
         if section == "mammo":
             print(run_mammo(args, learned)[0])
         elif section == "mri":
-            print(run_mri(args))
+            print(run_mri(args, learned_3d))
         elif section == "mni":
             print(run_mni(args))
         elif section == "memory":

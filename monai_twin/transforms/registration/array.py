@@ -570,10 +570,17 @@ def _before_metrics(moving: MetaTensor, fixed: MetaTensor, record: Mapping[str, 
     m = m.mean(0, keepdim=True) if channel is None else m[channel : channel + 1]
     f = fixed.as_tensor().float()
     f = f.mean(0) if channel is None else f[channel]
-    before = resample_through(m, record["src_affine"], record["dst_affine"], record["dst_shape"], ident)[0]
-    valid = _valid_region(
-        record["src_shape"], record["src_affine"], record["dst_affine"], record["dst_shape"], ident, None
+    same_grid = tuple(record["src_shape"]) == tuple(record["dst_shape"]) and torch.allclose(
+        torch.as_tensor(record["src_affine"], dtype=torch.float64),
+        torch.as_tensor(record["dst_affine"], dtype=torch.float64),
     )
+    if same_grid:  # already on the fixed grid (e.g. the output of a linear Register): nothing to resample
+        before, valid = m[0], torch.ones(m.shape[1:], dtype=torch.bool)
+    else:
+        before = resample_through(m, record["src_affine"], record["dst_affine"], record["dst_shape"], ident)[0]
+        valid = _valid_region(
+            record["src_shape"], record["src_affine"], record["dst_affine"], record["dst_shape"], ident, None
+        )
     if not valid.any():
         return {"nmi_before": 1.0, "correlation_before": 0.0}
     f_np, b_np, v_np = f.numpy(), before.numpy(), valid.numpy()
