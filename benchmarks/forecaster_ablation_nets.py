@@ -111,6 +111,8 @@ def main() -> None:
     parser.add_argument("--max-history", type=int, default=4)
     parser.add_argument("--network", nargs="+", default=["convlstm", "vivit"], choices=["convlstm", "vivit"])
     parser.add_argument("--refine", nargs="+", default=["none", "cvae-gan"], choices=["none", "cvae-gan"])
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the twins")
+    parser.add_argument("--patch", type=int, default=8, help="ViViT patch side (a power of two)")
     parser.add_argument("--samples", type=int, default=8, help="draws of the refined twin for mean / std")
     parser.add_argument("--workdir", default=None, help="where to write the cohort (default: a temporary folder)")
     args = parser.parse_args()
@@ -164,8 +166,8 @@ def main() -> None:
         if network == "convlstm":
             net = TwinForecaster(2, 1, channels=(16, 32), hidden_channels=32, **common)
         else:
-            net = ViViTTwin(2, 1, img_size=args.size, patch_size=8, **common)
-        seconds, losses = _train(net, loader, args.epochs, 1e-3)
+            net = ViViTTwin(2, 1, img_size=args.size, patch_size=args.patch, **common)
+        seconds, losses = _train(net, loader, args.epochs, args.lr)
         n_params = sum(p.numel() for p in net.parameters())
         timings.append(
             f"{network}: {n_params / 1e3:.0f} k parameters, {seconds:.0f} s, loss {losses[0]:.5f} -> {np.mean(losses[-10:]):.5f}"
