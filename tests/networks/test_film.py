@@ -67,6 +67,18 @@ class TestEHREncoder:
         assert not torch.allclose(enc(times, iv2, masked, st), enc(times, iv, masked, st))
         assert not torch.allclose(enc(times, iv, masked, st), z)
 
+    def test_raw_magnitudes_are_compressed(self):
+        """Interval features enter through sign(x) log(1 + |x|): an exposure of 10^4 dose x days is ~9.2,
+        not 10^4, and doubling it is still seen."""
+        torch.manual_seed(0)
+        enc = EHREncoder(interval_dim=2, static_dim=0, embed_dim=8)
+        times = torch.tensor([[300.0]])
+        x = torch.tensor([[[-0.5, 1.0e4]]])
+        m = torch.ones_like(x)
+        first = torch.cat([torch.tensor([[[-0.405465, 9.21044]]]), m, torch.log1p(times / 365.0).unsqueeze(-1)], -1)
+        torch.testing.assert_close(enc(times, x, m), enc.mlp(first), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(enc(times, x, m), enc(times, 2 * x, m))
+
     @parameterized.expand(
         [
             ("nan", "ehr_intervals contains NaN"),

@@ -16,7 +16,10 @@ __all__ = ["EHREncoder"]
 
 
 class EHREncoder(nn.Module):
-    """MLP embedding ``[intervals, mask, static, log1p(times / time_scale)]`` per time step.
+    """MLP embedding ``[symlog(intervals), mask, static, log1p(times / time_scale)]`` per time step.
+
+    ``symlog(x) = sign(x) log(1 + |x|)`` puts features of any unit on one scale: the interval
+    features mix normalised values with raw exposures (dose x days), counts and day counts.
 
     Values and masks enter side by side rather than masked: the EHR transforms fill unmeasured
     features with 0 by default, and with ``carry_forward=True`` an unmeasured feature holds the
@@ -90,7 +93,10 @@ class EHREncoder(nn.Module):
                 raise ValueError(
                     f"ehr_intervals_mask must have the shape of ehr_intervals {list(ehr_intervals.shape)}, got {list(mask.shape)}."
                 )
-            parts += [ehr_intervals, mask]
+            # symmetric log: normalised values (~1) pass almost unchanged, while raw magnitudes -- an
+            # exposure of 10^4 dose x days, 10^3 days since an event, counts -- are brought to a few
+            # units, so no feature's scale swamps the MLP (or the FiLM maps it drives)
+            parts += [torch.sign(ehr_intervals) * torch.log1p(ehr_intervals.abs()), mask]
         if self.static_dim > 0:
             if ehr_static is None:
                 raise ValueError(f"ehr_static (B, {self.static_dim}) is required by this encoder.")
