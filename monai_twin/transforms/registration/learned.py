@@ -92,19 +92,26 @@ class ScaledVxmPairwise(torch.nn.Module):
             integration_steps=int(integration_steps),
         )
 
-    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def coarse(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, C, *spatial)`` zero-padded to the network's multiple and average-pooled onto its grid
+        (a displacement in input voxels must also be divided by ``scale``)."""
         import torch.nn.functional as F
 
-        shape = source.shape[2:]
         pad: list[int] = []
-        for size in reversed(shape):  # F.pad lists the last axis first
+        for size in reversed(x.shape[2:]):  # F.pad lists the last axis first
             pad += [0, (-size) % self.multiple]
-        x = torch.cat([source, target], 1)
         if any(pad):
             x = F.pad(x, pad)
         if self.scale > 1:
             pool = F.avg_pool2d if self.spatial_dims == 2 else F.avg_pool3d
             x = pool(x, self.scale)
+        return x
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        shape = source.shape[2:]
+        x = self.coarse(torch.cat([source, target], 1))
         disp = self.vxm(x[:, :1], x[:, 1:])
         if self.scale > 1:
             # avg-pooled voxel i is centred on full-resolution voxel (i + 0.5) * scale - 0.5, which is
@@ -179,8 +186,10 @@ def train_voxelmorph(
 
     The loss is the mean squared difference of the normalised fixed image and the warped moving
     image, plus ``smoothness`` times :func:`displacement_smoothness`, plus ``supervised`` times the
-    mean squared end-point error to the true field (voxels^2) when it is known, averaged where the
-    normalised fixed image exceeds 0.05 (the field cannot be seen in empty background). Adam, with the
+    mean squared end-point error to the true field when it is known, averaged where the normalised
+    fixed image exceeds 0.05 (the field cannot be seen in empty background). Everything is computed
+    on the network's coarse grid (displacements in coarse voxels): the fields after a linear
+    pre-alignment are smooth enough that pooling them by 4 changes them by ~0.01 px on the testbed. Adam, with the
     learning rate halved at 60 % and 85 % of the steps.
 
     Args:
@@ -215,11 +224,17 @@ def train_voxelmorph(
     rng = np.random.default_rng(seed)
     model = build_voxelmorph(spatial_dims, nb_features, integration_steps, scale)
     model.train()
-    moving = _normalise(torch.as_tensor(np.stack([p[0] for p in pairs]), dtype=torch.float32)[:, None])
-    fixed = _normalise(torch.as_tensor(np.stack([p[1] for p in pairs]), dtype=torch.float32)[:, None])
-    fields = None
-    if supervised > 0:
-        fields = torch.as_tensor(np.stack([p[2] for p in pairs]), dtype=torch.float32)
+    # the network only ever sees the coarse grid, so training runs there: images and true fields are
+    # padded and pooled once (fields in coarse voxels), and the losses cost scale**ndim times less
+    with torch.no_grad():
+        moving = model.coarse(
+            _normalise(torch.as_tensor(np.stack([p[0] for p in pairs]), dtype=torch.float32)[:, None])
+        )
+        fixed = model.coarse(_normalise(torch.as_tensor(np.stack([p[1] for p in pairs]), dtype=torch.float32)[:, None]))
+        fields = None
+        if supervised > 0:
+            fields = model.coarse(torch.as_tensor(np.stack([p[2] for p in pairs]), dtype=torch.float32)) / model.scale
+    net = model.vxm
     optimiser = torch.optim.Adam(model.parameters(), lr=learning_rate)
     schedule = torch.optim.lr_scheduler.MultiStepLR(
         optimiser, milestones=[int(0.6 * steps), int(0.85 * steps)], gamma=0.5
@@ -228,7 +243,7 @@ def train_voxelmorph(
     start = time.perf_counter()
     for step in range(int(steps)):
         idx = torch.as_tensor(rng.choice(len(pairs), size=min(batch_size, len(pairs)), replace=False))
-        disp = model(moving[idx], fixed[idx])
+        disp = net(moving[idx], fixed[idx])
         warped = _warp(moving[idx], disp)
         loss = torch.mean((warped - fixed[idx]) ** 2) + smoothness * displacement_smoothness(disp)
         if fields is not None:
