@@ -468,7 +468,8 @@ def main() -> None:
                 target=target_images[i],
                 title=f"{test_meta[i]['subject_id']} visit {test_meta[i]['target_index']}",
             )
-            save_what_if_png(first[1], fig / "diffusion_what_if.png", title="stop / start the drug after the last scan")
+            one_item = {k: v[0] for k, v in first[1].items()}  # (1, H, W): save_what_if_png draws one item
+            save_what_if_png(one_item, fig / "diffusion_what_if.png", title="stop / start the drug after the last scan")
 
     # ---- speed
     net, inferer = twins[args.schedulers[0]]
