@@ -129,7 +129,7 @@ class TestTraining:
         images = torch.stack([_aligned(folder, it["target"]) for it in items])
         config = autoencoder_config("mammo2d", channels=(8, 16))
         ae = config.build()
-        ae_losses = train_autoencoder(ae, images, config, epochs=4, batch_size=18, lr=5e-3)
+        ae_losses = train_autoencoder(ae, images, config, epochs=3, batch_size=18, lr=5e-3)
         assert ae_losses[-1] < 0.8 * ae_losses[0]
 
         samples = []
@@ -150,7 +150,7 @@ class TestTraining:
             2, 4, vocabulary.size, samples[0]["ehr_static"].shape[0], channels=(16, 32), context_dim=32
         )
         scheduler = make_scheduler("ddim")
-        losses = train_diffusion_twin(net, scheduler, latent, epochs=30, batch_size=len(latent), lr=3e-3)
+        losses = train_diffusion_twin(net, scheduler, latent, epochs=20, batch_size=len(latent), lr=3e-3)
         assert float(net.residual_scale) == pytest.approx(float((targets - priors).std()), rel=1e-4)
         assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:3])
         out = LatentTwinInferer(scheduler, ae, num_inference_steps=3).forecast(
