@@ -61,8 +61,8 @@ def main() -> None:
                     fixed, moving, parameter_object=params, log_to_console=False, output_directory=tmp
                 )
                 times.append(time.perf_counter() - start)
-            extra = itk.transformix_filter(_image(itk, data["moving_extra"], spacing), result)
-            field_img = itk.transformix_deformation_field(moving, result)
+            extra = itk.transformix_filter(_image(itk, data["moving_extra"], spacing), result, output_directory=tmp)
+            field_img = itk.transformix_deformation_field(moving, result, output_directory=tmp)
         # ITK vector components are (x, y[, z]) = numpy axes (i, j[, k]) here; mm -> voxels
         vectors = itk.array_from_image(field_img).T  # (ndim, i, j[, k]) after the transpose
         field = (vectors / np.asarray(spacing).reshape(-1, *([1] * len(spacing)))).astype(np.float32)

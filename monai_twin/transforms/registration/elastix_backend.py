@@ -11,6 +11,7 @@ fixed grid (``transformix``'s deformation field), recorded with an identity matr
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,8 +74,11 @@ def elastix_register(
         kwargs["fixed_mask"] = _to_itk(itk, (fixed_mask > 0).astype(np.uint8), fixed_affine).astype(itk.UC)
     if moving_mask is not None:
         kwargs["moving_mask"] = _to_itk(itk, (moving_mask > 0).astype(np.uint8), moving_affine).astype(itk.UC)
-    _, result = itk.elastix_registration_method(f_img, m_img, **kwargs)
-    field = itk.transformix_deformation_field(m_img, result)
+    # elastix and transformix write their logs and a deformationField.nii to an output folder
+    # (the working directory by default): keep them in a temporary one
+    with tempfile.TemporaryDirectory() as tmp:
+        _, result = itk.elastix_registration_method(f_img, m_img, output_directory=tmp, **kwargs)
+        field = itk.transformix_deformation_field(m_img, result, output_directory=tmp)
     vectors = np.asarray(itk.array_from_image(field), dtype=np.float32).T  # (ndim, i, j[, k]), LPS mm
     displacement = np.ascontiguousarray(vectors * np.diag(ras_to_lps(ndim)).reshape(-1, *([1] * ndim)))
     return SitkRegistrationResult(matrix=np.eye(ndim + 1), displacement=displacement, metric_values={}, iterations={})
