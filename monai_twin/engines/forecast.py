@@ -73,7 +73,7 @@ class ForecastTrainer(SupervisedTrainer):
     Args:
         ehr_weight: weight of the future-EHR term (ignored when the batch has no ``ehr_key``).
         ehr_key: batch key of the future-EHR targets ``(B, K)``; ``<ehr_key>_mask`` marks measured ones.
-        *args, **kwargs: as :class:`~monai.engines.SupervisedTrainer` (``prepare_batch`` defaults
+        args, kwargs: as :class:`~monai.engines.SupervisedTrainer` (``prepare_batch`` defaults
             to :class:`~monai_twin.engines.ForecastPrepareBatch`; ``iteration_update`` is taken).
     """
 
