@@ -303,10 +303,11 @@ def main() -> None:
             for name in ("training", "validation")
         ]
         t0 = time.perf_counter()
+        run_dir = Path(tempfile.mkdtemp(dir=work, prefix=f"run_{args.kind}_{conditioning}_"))  # fresh checkpoints
         trainer = train_forecaster(
             net,
             *loaders,
-            output_dir=work / f"run_{args.kind}_{conditioning}",
+            output_dir=run_dir,
             max_epochs=args.epochs,
             learning_rate=args.lr,
             ssim_weight=args.ssim_weight,
@@ -314,7 +315,7 @@ def main() -> None:
             val_interval=max(1, args.epochs // 5),
             progress=False,
         )
-        best = sorted((work / f"run_{args.kind}_{conditioning}" / "checkpoints").glob("network_key_metric*.pt"))
+        best = sorted((run_dir / "checkpoints").glob("network_key_metric*.pt"))
         if best:
             net.load_state_dict(torch.load(best[-1], weights_only=True))
         table, ehr = _evaluate(net, data["test"], changed, area, scale, voxel, units)
