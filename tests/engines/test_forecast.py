@@ -60,7 +60,8 @@ def test_forecast_loss_and_masked_mse():
 
 
 def test_train_forecaster_checkpoints_logs_and_learns(cohort, tmp_path):
-    """Image and future-EHR losses go down; best/final checkpoints and a TensorBoard log are written."""
+    """Image and future-EHR losses go down (the EHR head beats any constant); best/final checkpoints and a
+    TensorBoard log are written."""
     torch.manual_seed(0)
     manifest, _, train, _ = cohort
     loaders = {
@@ -100,7 +101,10 @@ def test_train_forecaster_checkpoints_logs_and_learns(cohort, tmp_path):
     assert isinstance(trainer, ForecastTrainer)
     first = np.mean([v for e, v, _ in losses if e == 1]), np.mean([v for e, _, v in losses if e == 1])
     last = np.mean([v for e, v, _ in losses if e == 8]), np.mean([v for e, _, v in losses if e == 8])
-    assert last[0] < first[0] and last[1] < 0.5 * first[1]
+    # the image loss falls, and the EHR head ends better than the best constant (the targets' mean)
+    targets = torch.cat([b["future_ehr"][b["future_ehr_mask"] > 0] for b in loaders["training"]])
+    best_constant = float(((targets - targets.mean()) ** 2).mean())
+    assert last[0] < first[0] and last[1] < best_constant < first[1]
     assert {"val_psnr", "val_ssim", "val_mse"} <= set(trainer.evaluator.state.metrics)
     assert trainer.evaluator.state.best_metric > 10  # dB on [0, 1] images
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
