@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .blocks import ConvLSTM, ConvLSTMCell, EHREncoder, FiLM, STFiLM
+from .diffusion import AutoencoderKLLoss, LatentDiffusionTwin, TwinConditionEncoder, autoencoder_config
 from .nets import (
     CONDITIONING,
     VIVIT_CONDITIONING,
@@ -14,6 +15,7 @@ from .nets import (
 )
 
 __all__ = [
+    "AutoencoderKLLoss",
     "CONDITIONING",
     "CVAEGANRefiner",
     "CVAEGANTrainingStep",
@@ -21,9 +23,12 @@ __all__ = [
     "ConvLSTMCell",
     "EHREncoder",
     "FiLM",
+    "LatentDiffusionTwin",
     "RefinedTwin",
     "STFiLM",
+    "TwinConditionEncoder",
     "TwinForecaster",
     "VIVIT_CONDITIONING",
     "ViViTTwin",
+    "autoencoder_config",
 ]
