@@ -8,9 +8,12 @@ TorchScript-compatible so scripted twins keep the checks.
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Sequence
 
-__all__ = ["check_forecast_inputs", "last_visit_index"]
+import torch
+from torch import nn
+
+__all__ = ["check_forecast_inputs", "future_ehr_head", "last_visit_index"]
 
 
 def check_forecast_inputs(
@@ -52,3 +55,30 @@ def last_visit_index(mask: torch.Tensor) -> torch.Tensor:
     """``(B,)`` index of the last real visit of each sample (real visits are contiguous from slot 0)."""
     order = torch.arange(1, mask.shape[1] + 1, device=mask.device, dtype=mask.dtype).unsqueeze(0)
     return torch.argmax(mask * order, dim=1)
+
+
+def future_ehr_head(
+    in_features: int, future_ehr_dim: int, ehr_interval_dim: int, future_ehr_base: Sequence[int] | None
+) -> tuple[nn.Module | None, list[int]]:
+    """The twins' future-EHR MLP head (``None`` when ``future_ehr_dim`` is 0) and its checked base indices.
+
+    With ``future_ehr_base`` (one ``ehr_intervals`` feature index per future value: its last known
+    value) the head predicts the change from that value, and its last layer starts at zero so an
+    untrained head is last-value-carried-forward.
+    """
+    head = None
+    if future_ehr_dim > 0:
+        head = nn.Sequential(nn.Linear(in_features, 64), nn.GELU(), nn.Linear(64, future_ehr_dim))
+    base = [] if future_ehr_base is None else [int(i) for i in future_ehr_base]
+    if base:
+        if len(base) != future_ehr_dim:
+            raise ValueError(
+                f"future_ehr_base needs one feature index per future value ({future_ehr_dim}), got {base}."
+            )
+        if min(base) < 0 or max(base) >= ehr_interval_dim:
+            raise ValueError(
+                f"future_ehr_base indices must lie in [0, ehr_interval_dim={ehr_interval_dim}), got {base}."
+            )
+        nn.init.zeros_(head[-1].weight)
+        nn.init.zeros_(head[-1].bias)
+    return head, base

@@ -28,7 +28,7 @@ from monai.utils import ensure_tuple_rep
 from torch import nn
 
 from ..blocks.ehr_encoder import EHREncoder
-from .forecast_inputs import check_forecast_inputs, last_visit_index
+from .forecast_inputs import check_forecast_inputs, future_ehr_head, last_visit_index
 
 __all__ = ["VIVIT_CONDITIONING", "ViViTTwin"]
 
@@ -210,24 +210,10 @@ class ViViTTwin(nn.Module):
             # zero change before training: the untrained twin is the copy-last baseline
             nn.init.zeros_(self.head.conv.weight)
             nn.init.zeros_(self.head.conv.bias)
-        self.ehr_head: nn.Module | None = None
-        if future_ehr_dim > 0:
-            self.ehr_head = nn.Sequential(
-                nn.Linear(hidden_size + ehr_embed_dim + 1, 64), nn.GELU(), nn.Linear(64, future_ehr_dim)
-            )
-        base = [] if future_ehr_base is None else [int(i) for i in future_ehr_base]
-        if base:
-            if len(base) != future_ehr_dim:
-                raise ValueError(
-                    f"future_ehr_base needs one feature index per future value ({future_ehr_dim}), got {base}."
-                )
-            if min(base) < 0 or max(base) >= ehr_interval_dim:
-                raise ValueError(
-                    f"future_ehr_base indices must lie in [0, ehr_interval_dim={ehr_interval_dim}), got {base}."
-                )
-            # the head then predicts the change from the last value: untrained, it is LOCF
-            nn.init.zeros_(self.ehr_head[-1].weight)
-            nn.init.zeros_(self.ehr_head[-1].bias)
+        self.ehr_head: nn.Module | None
+        self.ehr_head, base = future_ehr_head(
+            hidden_size + ehr_embed_dim + 1, future_ehr_dim, ehr_interval_dim, future_ehr_base
+        )
         self.has_ehr_base = bool(base)
         self.register_buffer("future_ehr_base", torch.tensor(base, dtype=torch.long), persistent=False)
 
