@@ -170,6 +170,8 @@ def _evaluate(net, samples, changed, area, scale, spacing_mm2, locf_units, batch
 
 def _what_if(net, manifest, cohort, subjects, images, encode, scale, spacing_mm2, max_history):
     """Predicted vs true lesion-area change under dose edits from the last prior scan on."""
+    import pandas as pd
+
     from monai_twin.data import build_longitudinal_items, edit_events
     from monai_twin.data.synthetic import load_subject, resimulate, subject_truth
 
@@ -194,7 +196,9 @@ def _what_if(net, manifest, cohort, subjects, images, encode, scale, spacing_mm2
                 continue
             doses.append(d)
             edits.append(dict(item, events=edited))
-            true_edits.append(pd_frame(edit_events(recorded, subject.drug_code, value=d, after=t_last, exposure=True)))
+            true_edits.append(
+                pd.DataFrame(edit_events(recorded, subject.drug_code, value=d, after=t_last, exposure=True))
+            )
         if not edits:
             continue
         batch = [_sample(x, images, encode, target=False) for x in (item, *edits)]
@@ -205,12 +209,6 @@ def _what_if(net, manifest, cohort, subjects, images, encode, scale, spacing_mm2
             true = subject_truth(subject, ev, days=[t_target])["lesion_area_mm2"].iloc[0] - factual
             pairs.append({"subject_id": sid, "dose": d, "predicted_mm2": p, "true_mm2": float(true)})
     return pairs
-
-
-def pd_frame(columns):
-    import pandas as pd
-
-    return pd.DataFrame(columns)
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .whatif import _CONDITION_KEYS
+from ..engines.prepare_batch import FORECAST_CONDITION_KEYS
 
 __all__ = ["ForecastInferer", "save_forecast_panel_png"]
 
@@ -59,7 +59,7 @@ class ForecastInferer:
                 raise KeyError(f"the pipeline must produce {key!r} (got {sorted(map(str, sample))}).")
         tensors = {
             k: torch.as_tensor(np.asarray(sample[k]), dtype=torch.float32).unsqueeze(0).to(self.device)
-            for k in ("history", *_CONDITION_KEYS)
+            for k in ("history", *FORECAST_CONDITION_KEYS)
             if k in sample
         }
         history = tensors.pop("history")

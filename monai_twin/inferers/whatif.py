@@ -18,11 +18,9 @@ import numpy as np
 import torch
 
 from ..data.events import edit_events
+from ..engines.prepare_batch import FORECAST_CONDITION_KEYS
 
 __all__ = ["WhatIfInferer", "edit_events", "save_what_if_png"]
-
-#: Keys the network receives as keyword arguments when present in a preprocessed sample.
-_CONDITION_KEYS = ("times", "history_mask", "ehr_intervals", "ehr_intervals_mask", "ehr_static")
 
 
 class WhatIfInferer:
@@ -57,7 +55,7 @@ class WhatIfInferer:
         sample = self.pipeline(dict(item))
         if "history" not in sample or "times" not in sample:
             raise KeyError("the pipeline must produce 'history' (T, C, *spatial) and 'times' (T,).")
-        keys = ("history",) + tuple(k for k in _CONDITION_KEYS if k in sample)
+        keys = ("history",) + tuple(k for k in FORECAST_CONDITION_KEYS if k in sample)
         return {k: torch.as_tensor(np.asarray(sample[k]), dtype=torch.float32) for k in keys}
 
     def __call__(self, item: Mapping[str, Any], edited_item: Mapping[str, Any]) -> dict[str, torch.Tensor]:
