@@ -179,7 +179,7 @@ def mri_section(args) -> None:
     from monai_twin.data import build_longitudinal_items, load_manifest, split_subjects
     from monai_twin.data.synthetic import MRIROI3DConfig, write_cohort
     from monai_twin.engines import encode_latents, null_ehr_sample, train_autoencoder, train_diffusion_twin
-    from monai_twin.inferers import DIFFUSION_CONDITION_KEYS, LatentTwinInferer, make_scheduler
+    from monai_twin.inferers import DIFFUSION_CONDITION_KEYS, DIFFUSION_OPTIONAL_KEYS, LatentTwinInferer, make_scheduler
     from monai_twin.networks.diffusion import LatentDiffusionTwin, autoencoder_config
     from monai_twin.transforms.ehr import EHRVocabulary
 
@@ -217,7 +217,7 @@ def mri_section(args) -> None:
     priors = priors * scale_factor
     targets = encode_latents(autoencoder, torch.stack([s["target_image"] for s in pairs]), scale_factor)
     latents = [
-        {"prior": p, "target": t, **{k: s[k] for k in DIFFUSION_CONDITION_KEYS}}
+        {"prior": p, "target": t, **{k: s[k] for k in DIFFUSION_CONDITION_KEYS + DIFFUSION_OPTIONAL_KEYS}}
         for p, t, s in zip(priors, targets, pairs)
     ]
     scheduler = make_scheduler("ddim")
@@ -228,7 +228,7 @@ def mri_section(args) -> None:
     test = [s for s, _ in data["test"]]
     prior_images = torch.stack([s["prior_image"] for s in test])
     target_images = torch.stack([s["target_image"] for s in test])
-    conditions = _stack(test, DIFFUSION_CONDITION_KEYS)
+    conditions = _stack(test, DIFFUSION_CONDITION_KEYS + DIFFUSION_OPTIONAL_KEYS)
     inferer = LatentTwinInferer(scheduler, autoencoder, scale_factor, num_inference_steps=args.steps)
     null = {k: (torch.zeros_like(v) if k != "ehr_static" else v) for k, v in conditions.items()}
     means, null_means = [], []
@@ -267,6 +267,26 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=8)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=1.0)
+    parser.add_argument(
+        "--prediction",
+        default="epsilon",
+        choices=["epsilon", "sample", "v_prediction"],
+        help="DDIM prediction type (what the denoiser is trained to output)",
+    )
+    parser.add_argument(
+        "--ehr-path",
+        default="interval",
+        choices=["interval", "crossattn"],
+        help="interval: the prior-scan -> target interval features also drive the timestep embedding; "
+        "crossattn: EHR tokens through cross-attention only",
+    )
+    parser.add_argument("--twin-channels", type=int, nargs="+", default=[32, 64], help="denoiser UNet channels")
+    parser.add_argument(
+        "--ae-channels", type=int, nargs="+", default=None, help="2D autoencoder channels (default: the preset's)"
+    )
+    parser.add_argument(
+        "--autoencoder", default=None, help="2D autoencoder weights: loaded if the file exists, else saved there"
+    )
     parser.add_argument("--null-fraction", type=float, default=0.3, help="null-EHR pairs per training pair")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--convlstm-epochs", type=int, default=0, help="> 0 also trains the ConvLSTM twin")
@@ -292,7 +312,13 @@ def main() -> None:
     from monai_twin.data import build_longitudinal_items, edit_events, load_manifest, split_subjects
     from monai_twin.data.synthetic import Mammo2DConfig, load_subject, resimulate, write_cohort
     from monai_twin.engines import encode_latents, null_ehr_sample, train_autoencoder, train_diffusion_twin
-    from monai_twin.inferers import DIFFUSION_CONDITION_KEYS, LatentTwinInferer, make_scheduler, save_forecast_png
+    from monai_twin.inferers import (
+        DIFFUSION_CONDITION_KEYS,
+        DIFFUSION_OPTIONAL_KEYS,
+        LatentTwinInferer,
+        make_scheduler,
+        save_forecast_png,
+    )
     from monai_twin.inferers.whatif import save_what_if_png
     from monai_twin.networks.diffusion import LatentDiffusionTwin, autoencoder_config
     from monai_twin.transforms.ehr import EHRVocabulary
@@ -331,11 +357,22 @@ def main() -> None:
         return
 
     # ---- autoencoder
-    ae_config = autoencoder_config("mammo2d")
+    ae_config = autoencoder_config("mammo2d", **({"channels": tuple(args.ae_channels)} if args.ae_channels else {}))
     autoencoder = ae_config.build()
     train_images = torch.stack([torch.from_numpy(images[k][None]) for k in images if k[0] in set(split["training"])])
     t0 = time.perf_counter()
-    ae_losses = train_autoencoder(autoencoder, train_images, ae_config, epochs=args.ae_epochs, batch_size=16, lr=2e-3)
+    if args.autoencoder and Path(args.autoencoder).is_file():
+        autoencoder.load_state_dict(torch.load(args.autoencoder, weights_only=True))
+        autoencoder.eval()
+        ae_losses = [float("nan")]
+        print(f"autoencoder loaded from {args.autoencoder}")
+    else:
+        ae_losses = train_autoencoder(
+            autoencoder, train_images, ae_config, epochs=args.ae_epochs, batch_size=16, lr=2e-3
+        )
+        if args.autoencoder:
+            Path(args.autoencoder).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(autoencoder.state_dict(), args.autoencoder)
     ae_time = time.perf_counter() - t0
     ssim = SSIMMetric(spatial_dims=2, data_range=1.0, reduction="none")
     psnr = PSNRMetric(max_val=1.0, reduction="none")
@@ -357,7 +394,7 @@ def main() -> None:
     priors = priors * scale_factor
     targets = encode_latents(autoencoder, torch.stack([s["target_image"] for s in pairs]), scale_factor)
     latent_samples = [
-        {"prior": p, "target": t, **{k: s[k] for k in DIFFUSION_CONDITION_KEYS}}
+        {"prior": p, "target": t, **{k: s[k] for k in DIFFUSION_CONDITION_KEYS + DIFFUSION_OPTIONAL_KEYS}}
         for p, t, s in zip(priors, targets, pairs)
     ]
     sums, deltas = [], []
@@ -385,16 +422,46 @@ def main() -> None:
     reader_err = np.mean([abs(area(s["target_image"][0].numpy(), m) - m["target_area"]) for s, m in lesion_test])
     print(f"lesion-area reader: gain {gain:.2f}; its error on the true target images {reader_err:.1f} mm^2 (the floor)")
 
+    # the continuous reader on true images and on autoencoder reconstructions of them (test pairs with a lesion)
+    def mass(image: torch.Tensor, prior: torch.Tensor, meta: dict) -> float:
+        box = boxes[meta["subject_id"]]
+        return intensity_gain * float((image - prior)[0].numpy()[box].sum()) * spacing**2
+
+    true_change = [m["target_area"] - m["prior_area"] for _, m in lesion_test]
+    with torch.no_grad():
+        pair_prior = torch.stack([s["prior_image"] for s, _ in lesion_test])
+        pair_target = torch.stack([s["target_image"] for s, _ in lesion_test])
+        rec_prior = autoencoder.decode(autoencoder.encode(pair_prior)[0])
+        rec_target = autoencoder.decode(autoencoder.encode(pair_target)[0])
+    on_true = [mass(s["target_image"], s["prior_image"], m) for s, m in lesion_test]
+    on_recon = [mass(rec_target[i], rec_prior[i], m) for i, (_, m) in enumerate(lesion_test)]
+    print(
+        f"continuous reader (x {intensity_gain:.2f}) on the {len(lesion_test)} test pairs with a lesion: "
+        f"r(read change, true change) = {pearsonr(on_true, true_change).statistic:.3f} on the true images, "
+        f"{pearsonr(on_recon, true_change).statistic:.3f} on autoencoder reconstructions "
+        f"(mean |change| true {np.mean(np.abs(true_change)):.1f}, read {np.mean(np.abs(on_true)):.1f} / "
+        f"{np.mean(np.abs(on_recon)):.1f} mm^2)"
+    )
+
     test_samples = [s for s, _ in data["test"]]
     test_meta = [m for _, m in data["test"]]
     prior_images = torch.stack([s["prior_image"] for s in test_samples])
     target_images = torch.stack([s["target_image"] for s in test_samples])
-    conditions = _stack(test_samples, DIFFUSION_CONDITION_KEYS)
+    conditions = _stack(test_samples, DIFFUSION_CONDITION_KEYS + DIFFUSION_OPTIONAL_KEYS)
     twins = {}
+    interval_dim = conditions["ehr_interval"].shape[1] if args.ehr_path == "interval" else 0
     for kind in args.schedulers:
-        scheduler = make_scheduler(kind)
+        scheduler = make_scheduler(kind, **({} if kind == "rflow" else {"prediction_type": args.prediction}))
         torch.manual_seed(args.seed)
-        net = LatentDiffusionTwin(2, ae_config.latent_channels, vocabulary.size, conditions["ehr_static"].shape[1])
+        net = LatentDiffusionTwin(
+            2,
+            ae_config.latent_channels,
+            vocabulary.size,
+            conditions["ehr_static"].shape[1],
+            channels=tuple(args.twin_channels),
+            attention_levels=(False,) * (len(args.twin_channels) - 1) + (True,),
+            interval_dim=interval_dim,
+        )
         t0 = time.perf_counter()
         losses = train_diffusion_twin(
             net, scheduler, latent_samples, epochs=args.epochs, batch_size=32, lr=1e-3, seed=args.seed
@@ -451,7 +518,14 @@ def main() -> None:
 
         # null-EHR check
         null_cond = {k: v.clone() for k, v in conditions.items()}
-        for k in ("ehr_tokens_code", "ehr_tokens_value", "ehr_tokens_time", "ehr_tokens_mask", "gap"):
+        for k in (
+            "ehr_tokens_code",
+            "ehr_tokens_value",
+            "ehr_tokens_time",
+            "ehr_tokens_mask",
+            "gap",
+            *DIFFUSION_OPTIONAL_KEYS,
+        ):
             null_cond[k] = torch.zeros_like(null_cond[k])
         null_means = []
         for start in range(0, len(test_samples), 16):
@@ -467,7 +541,7 @@ def main() -> None:
         )
 
         # what-if against the true counterfactual
-        predicted, true, first = [], [], None
+        predicted, true, read_true, first = [], [], [], None
         predicted_sum = {w: [] for w in args.whatif_guidance}
         for sample, meta in lesion_test:
             item = meta["item"]
@@ -482,7 +556,7 @@ def main() -> None:
             from monai_twin.engines import twin_conditions
 
             edited_cond = {k: v[None] for k, v in twin_conditions(edited_item, vocabulary, args.max_tokens).items()}
-            cond = {k: sample[k][None] for k in DIFFUSION_CONDITION_KEYS}
+            cond = {k: sample[k][None] for k in DIFFUSION_CONDITION_KEYS + DIFFUSION_OPTIONAL_KEYS}
             out = inferer.what_if(sample["prior_image"][None], net, cond, edited_cond, args.n_samples, seed=args.seed)
             predicted.append(
                 area(out["counterfactual"][0, 0].numpy(), meta) - area(out["baseline"][0, 0].numpy(), meta)
@@ -504,14 +578,22 @@ def main() -> None:
                 )
                 predicted_sum[w].append(intensity_gain * float(o["difference"][0, 0].numpy()[box].sum()) * spacing**2)
             cf_events = pd.DataFrame({k: v for k, v in edited.items() if k in ("time", "code", "numeric_value")})
-            cf_truth = resimulate(subject, cf_events, days=[target_time]).truth
-            true.append(float(cf_truth["lesion_area_mm2"].iloc[0]) - meta["target_area"])
+            cf_visit = resimulate(subject, cf_events, days=[target_time])
+            true.append(float(cf_visit.truth["lesion_area_mm2"].iloc[0]) - meta["target_area"])
+            # the same reader on the simulator's own recorded / counterfactual images (its ceiling)
+            recorded_image = np.asarray(resimulate(subject, days=[target_time]).aligned[0], dtype=np.float32)
+            cf_image = np.asarray(cf_visit.aligned[0], dtype=np.float32)
+            read_true.append(intensity_gain * float((cf_image - recorded_image)[box].sum()) * spacing**2)
             if first is None or abs(true[-1]) > abs(true[first[0]]):
                 first = (len(true) - 1, out)
         r = pearsonr(predicted, true).statistic if len(true) > 2 else float("nan")
         print(
             f"what-if (stop the drug after the last prior scan, or start 40 mg/day): n = {len(true)}, true change "
             f"{np.mean(np.abs(true)):.1f} mm^2 on average, predicted {np.mean(np.abs(predicted)):.1f}; Pearson r = {r:.3f} (target >= 0.8)"
+        )
+        print(
+            f"   the continuous reader on the true recorded / counterfactual images: r = "
+            f"{pearsonr(read_true, true).statistic:.3f}, read {np.mean(np.abs(read_true)):.1f} mm^2 on average"
         )
         for w, values in predicted_sum.items():
             r_sum = pearsonr(values, true).statistic if np.std(values) > 0 else float("nan")

@@ -23,7 +23,7 @@ import torch
 from monai.engines.utils import DiffusionPrepareBatch
 from monai.utils import convert_to_tensor
 
-from ..inferers.diffusion import DIFFUSION_CONDITION_KEYS, _is_rflow
+from ..inferers.diffusion import DIFFUSION_CONDITION_KEYS, DIFFUSION_OPTIONAL_KEYS, _is_rflow
 
 __all__ = [
     "DiffusionTwinPrepareBatch",
@@ -39,8 +39,11 @@ class DiffusionTwinPrepareBatch(DiffusionPrepareBatch):
     """``batch -> (x0, model target, (), {noise, timesteps, prior, ehr_..., gap, drop_condition})``.
 
     ``x0`` is the diffusion variable: the scaled latent change ``(target - prior) / residual_scale``
-    (or the target latent when ``residual_scale`` is 0). The model target is the noise for
-    DDPM/DDIM (epsilon prediction) and ``x0 - noise`` for RFlow (MONAI's velocity convention).
+    (or the target latent when ``residual_scale`` is 0). The model target follows the scheduler:
+    for DDPM/DDIM the noise (``prediction_type="epsilon"``), ``x0`` itself (``"sample"``) or MONAI's
+    ``get_velocity`` (``"v_prediction"``); for RFlow ``x0 - noise`` (MONAI's velocity convention).
+    The optional :data:`~monai_twin.inferers.DIFFUSION_OPTIONAL_KEYS` (interval features) are passed
+    on when the batch has them.
 
     Args:
         scheduler: the training scheduler (its type decides the target; RFlow samples its own timesteps).
@@ -72,7 +75,14 @@ class DiffusionTwinPrepareBatch(DiffusionPrepareBatch):
         return super().get_timesteps(images)
 
     def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return images - noise if _is_rflow(self.scheduler) else noise
+        if _is_rflow(self.scheduler):
+            return images - noise
+        kind = str(getattr(self.scheduler, "prediction_type", "epsilon"))
+        if kind == "sample":
+            return images
+        if kind == "v_prediction":
+            return self.scheduler.get_velocity(images, noise, timesteps)
+        return noise
 
     def __call__(
         self,
@@ -98,23 +108,33 @@ class DiffusionTwinPrepareBatch(DiffusionPrepareBatch):
         x0 = (target - prior) / self.residual_scale if self.residual_scale > 0 else target
         noise = self.get_noise(x0)
         timesteps = self.get_timesteps(x0).to(x0.device)
-        conditions = {k: move(k) for k in self.condition_keys}
+        keys = self.condition_keys + tuple(
+            k for k in DIFFUSION_OPTIONAL_KEYS if k in batchdata and k not in self.condition_keys
+        )
+        conditions = {k: move(k) for k in keys}
         drop = (torch.rand(x0.shape[0], device=x0.device) < self.condition_dropout).float()
         infer_kwargs = {"noise": noise, "timesteps": timesteps, "prior": prior, "drop_condition": drop, **conditions}
         return x0, self.get_target(x0, noise, timesteps), (), infer_kwargs
 
 
-def twin_conditions(item: Mapping[str, Any], vocabulary: Any, max_tokens: int = 32) -> dict[str, torch.Tensor]:
+def twin_conditions(
+    item: Mapping[str, Any], vocabulary: Any, max_tokens: int = 32, intervals: bool = True
+) -> dict[str, torch.Tensor]:
     """The twin's condition tensors for one item of ``build_longitudinal_items`` / ``forecast_item``.
 
     Every event before the target is a candidate token (``lookback=None``: a dose started before
     the first prior visit is still in force); the most recent ``max_tokens`` are kept. The gap is
-    the days from the last prior visit to the target.
+    the days from the last prior visit to the target. With ``intervals``, the EHR features of the
+    interval from the last prior visit to the target (``EHRToIntervalFeaturesd`` with its defaults:
+    drug exposure = dose x days, per-code reducers, days since) and their mask are added -- the
+    input of ``LatentDiffusionTwin(interval_dim=F)``'s direct EHR path; a what-if edit of the
+    dose after the last scan changes its exposure column.
 
     Returns:
-        ``ehr_tokens_code/value/time/mask`` ``(max_tokens,)``, ``ehr_static`` ``(S,)``, ``gap`` ``()``.
+        ``ehr_tokens_code/value/time/mask`` ``(max_tokens,)``, ``ehr_static`` ``(S,)``, ``gap`` ``()``,
+        and with ``intervals`` ``ehr_interval`` / ``ehr_interval_mask`` ``(F,)``.
     """
-    from ..transforms.ehr import EHRStaticToTensord, EHRToEventTokensd
+    from ..transforms.ehr import EHRStaticToTensord, EHRToEventTokensd, EHRToIntervalFeaturesd
 
     for key in ("events", "history_times", "target_time", "static"):
         if key not in item:
@@ -126,6 +146,11 @@ def twin_conditions(item: Mapping[str, Any], vocabulary: Any, max_tokens: int = 
     out["ehr_tokens_code"] = out["ehr_tokens_code"].long()
     out["ehr_static"] = out["ehr_static"].float()
     out["gap"] = torch.tensor(gap, dtype=torch.float32)
+    if intervals:
+        last = np.asarray(item["history_times"], dtype=np.float64)[-1:]
+        f = EHRToIntervalFeaturesd(vocabulary)(dict(item, history_times=last))
+        out["ehr_interval"] = torch.as_tensor(f["ehr_intervals"]).float().reshape(-1)
+        out["ehr_interval_mask"] = torch.as_tensor(f["ehr_intervals_mask"]).float().reshape(-1)
     return out
 
 
@@ -164,6 +189,9 @@ def null_ehr_sample(
     out["ehr_tokens_value"] = torch.zeros_like(torch.as_tensor(sample["ehr_tokens_value"]))
     out["ehr_tokens_time"] = torch.zeros_like(torch.as_tensor(sample["ehr_tokens_time"]))
     out["gap"] = torch.tensor(float(rng.uniform(0.0, max_gap_days)), dtype=torch.float32)
+    for key in DIFFUSION_OPTIONAL_KEYS:  # no interval events either
+        if key in sample:
+            out[key] = torch.zeros_like(torch.as_tensor(sample[key]))
     return out
 
 
@@ -286,7 +314,8 @@ def train_diffusion_twin(
         network: the twin (its ``residual_scale`` buffer decides the diffusion variable).
         scheduler: a MONAI scheduler (:func:`~monai_twin.inferers.make_scheduler`).
         samples: dicts with ``prior`` and ``target`` latents ``(C, *latent_spatial)`` and the
-            :data:`~monai_twin.inferers.DIFFUSION_CONDITION_KEYS` tensors (null-EHR pairs included).
+            :data:`~monai_twin.inferers.DIFFUSION_CONDITION_KEYS` tensors (null-EHR pairs included;
+            plus ``ehr_interval`` / ``ehr_interval_mask`` for a twin with ``interval_dim > 0``).
         condition_dropout: probability of dropping a row's clinical context.
         fit_residual_scale: set ``network.residual_scale`` to the standard deviation of
             ``target - prior`` over ``samples`` before training (only when it is > 0).

@@ -8,6 +8,7 @@ from .whatif import WhatIfInferer, edit_events, save_what_if_png
 __all__ = ["ForecastInferer", "WhatIfInferer", "edit_events", "save_forecast_panel_png", "save_what_if_png"]
 from .diffusion import (
     DIFFUSION_CONDITION_KEYS,
+    DIFFUSION_OPTIONAL_KEYS,
     LatentTwinInferer,
     TwinDiffusionInferer,
     make_scheduler,
@@ -16,6 +17,7 @@ from .diffusion import (
 
 __all__ += [
     "DIFFUSION_CONDITION_KEYS",
+    "DIFFUSION_OPTIONAL_KEYS",
     "LatentTwinInferer",
     "TwinDiffusionInferer",
     "make_scheduler",

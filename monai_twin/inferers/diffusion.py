@@ -23,6 +23,7 @@ from monai.inferers import DiffusionInferer
 
 __all__ = [
     "DIFFUSION_CONDITION_KEYS",
+    "DIFFUSION_OPTIONAL_KEYS",
     "LatentTwinInferer",
     "TwinDiffusionInferer",
     "make_scheduler",
@@ -39,12 +40,23 @@ DIFFUSION_CONDITION_KEYS = (
     "gap",
 )
 
+#: Optional keyword conditions, passed on when present: the features of the prior-scan -> target
+#: interval (``LatentDiffusionTwin(interval_dim > 0)`` needs them; other twins ignore them).
+DIFFUSION_OPTIONAL_KEYS = ("ehr_interval", "ehr_interval_mask")
+
+
+def _condition_keys(conditions: Mapping[str, Any]) -> tuple[str, ...]:
+    return DIFFUSION_CONDITION_KEYS + tuple(k for k in DIFFUSION_OPTIONAL_KEYS if k in conditions)
+
 
 def make_scheduler(kind: str = "ddim", num_train_timesteps: int = 1000, **kwargs: Any):
     """A MONAI scheduler for the twin: ``"ddpm"``, ``"ddim"`` or ``"rflow"``.
 
     DDPM/DDIM use the ``scaled_linear_beta`` schedule of latent diffusion and no sample clipping
-    (latents are not in [-1, 1]); RFlow uses MONAI's defaults with discrete timesteps.
+    (latents are not in [-1, 1]); RFlow uses MONAI's defaults with discrete timesteps. DDPM/DDIM take
+    MONAI's ``prediction_type`` (``"epsilon"`` by default, ``"sample"`` -- the network predicts the
+    clean diffusion variable, so an uncertain network falls back to the conditional mean change --
+    or ``"v_prediction"``); training follows it (:class:`~monai_twin.engines.DiffusionTwinPrepareBatch`).
     """
     from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 
@@ -135,7 +147,8 @@ class TwinDiffusionInferer(DiffusionInferer):
             diffusion_model: a :class:`~monai_twin.networks.diffusion.LatentDiffusionTwin`.
             scheduler: overrides the inferer's scheduler (e.g. RFlow instead of DDIM).
             prior: ``(B, C, *spatial)`` prior latent.
-            conditions: the :data:`DIFFUSION_CONDITION_KEYS` tensors, batch ``B``.
+            conditions: the :data:`DIFFUSION_CONDITION_KEYS` tensors, batch ``B`` (and the
+                :data:`DIFFUSION_OPTIONAL_KEYS` ones if the twin uses them).
             num_inference_steps: DDIM / RFlow steps.
             guidance_scale: classifier-free guidance ``w``: ``eps_u + w (eps_c - eps_u)``; 1 = conditional only.
             verbose: tqdm progress bar over the steps.
@@ -160,7 +173,7 @@ class TwinDiffusionInferer(DiffusionInferer):
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}.")
         scheduler = scheduler or self.scheduler
         b = prior.shape[0]
-        cond = {k: conditions[k] for k in DIFFUSION_CONDITION_KEYS}
+        cond = {k: conditions[k] for k in _condition_keys(conditions)}
         context = diffusion_model.encode_condition(prior, **cond)
         guided = guidance_scale != 1.0
         if guided:
@@ -258,7 +271,8 @@ class LatentTwinInferer(TwinDiffusionInferer):
         Args:
             prior_image: ``(B, C, *spatial)`` the last prior scan, in the target's frame.
             diffusion_model: the trained :class:`~monai_twin.networks.diffusion.LatentDiffusionTwin`.
-            conditions: the :data:`DIFFUSION_CONDITION_KEYS` tensors for the ``B`` items.
+            conditions: the :data:`DIFFUSION_CONDITION_KEYS` tensors for the ``B`` items (and the
+                :data:`DIFFUSION_OPTIONAL_KEYS` ones if the twin uses them).
             n_samples: samples per item.
             seed: seeds the noise (same seed = same noise, the basis of shared-noise what-ifs).
             noise: explicit starting noise ``(n_samples, B, C, *latent_spatial)``; overrides ``seed``.
@@ -277,7 +291,8 @@ class LatentTwinInferer(TwinDiffusionInferer):
         if missing:
             raise KeyError(f"LatentTwinInferer.forecast: conditions is missing {missing}.")
         b = prior_image.shape[0]
-        for key in DIFFUSION_CONDITION_KEYS:
+        keys = _condition_keys(conditions)
+        for key in keys:
             if conditions[key].shape[0] != b:
                 raise ValueError(f"conditions[{key!r}] has batch size {conditions[key].shape[0]}, prior_image has {b}.")
         prior = self.encode(prior_image)
@@ -294,7 +309,7 @@ class LatentTwinInferer(TwinDiffusionInferer):
             scheduler,
             verbose=verbose,
             prior=rep(prior),
-            conditions={k: rep(conditions[k]) for k in DIFFUSION_CONDITION_KEYS},
+            conditions={k: rep(conditions[k]) for k in keys},
             num_inference_steps=num_inference_steps or self.num_inference_steps,
             guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
         )

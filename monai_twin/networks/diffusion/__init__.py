@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from .autoencoder import AUTOENCODER_CONFIGS, AutoencoderConfig, AutoencoderKLLoss, autoencoder_config, kl_divergence
 from .condition import EHRTokenEncoder, FusionAdapter, ImageTokenEncoder, TwinConditionEncoder, fourier_features
-from .latent_twin import LatentDiffusionTwin
+from .latent_twin import INTERVAL_CONDITION_KEYS, LatentDiffusionTwin
 
 __all__ = [
     "AUTOENCODER_CONFIGS",
@@ -19,6 +19,7 @@ __all__ = [
     "AutoencoderKLLoss",
     "EHRTokenEncoder",
     "FusionAdapter",
+    "INTERVAL_CONDITION_KEYS",
     "ImageTokenEncoder",
     "LatentDiffusionTwin",
     "TwinConditionEncoder",

@@ -7,6 +7,13 @@ transformers with cross-attention); this module adds what a forecasting twin nee
 * :class:`~monai_twin.networks.diffusion.TwinConditionEncoder` turns the prior latent, the timed
   EHR event tokens, the static attributes and the gap to the target into the cross-attention
   context (clinical context: "what happened since, and how long until the target");
+* optionally (``interval_dim > 0``) the EHR features of the interval from the prior scan to the
+  target (``EHRToIntervalFeaturesd`` on that one interval: drug exposure = dose x days, counts,
+  last values, days since; with their mask, the static attributes and the gap) are embedded by the
+  project's :class:`~monai_twin.networks.blocks.EHREncoder` (the ConvLSTM twin's FiLM input) and
+  *added to the UNet's timestep embedding*, so every residual block of the denoiser receives the
+  treatment dose directly (a per-channel shift), not only through the cross-attention bottleneck;
+  the same embedding is also appended to the cross-attention context as one more token;
 * ``drop_condition`` removes the clinical context per row (classifier-free guidance);
 * the diffusion variable is either the target latent (``residual_scale = 0``) or the change
   ``(z_target - z_prior) / residual_scale`` -- the default, because most of a follow-up scan is
@@ -26,7 +33,23 @@ from torch import nn
 
 from .condition import TwinConditionEncoder, _check
 
-__all__ = ["LatentDiffusionTwin"]
+__all__ = ["INTERVAL_CONDITION_KEYS", "LatentDiffusionTwin"]
+
+#: Optional condition keys: the EHR features of the prior-scan -> target interval and their mask.
+INTERVAL_CONDITION_KEYS = ("ehr_interval", "ehr_interval_mask")
+
+
+class _TimeEmbeddingPlus(nn.Module):
+    """MONAI ``DiffusionModelUNet.time_embed`` plus an additive per-row embedding set for one call."""
+
+    def __init__(self, time_embed: nn.Module) -> None:
+        super().__init__()
+        self.time_embed = time_embed
+        self.extra: Optional[torch.Tensor] = None  # noqa: UP045
+
+    def forward(self, t_emb: torch.Tensor) -> torch.Tensor:
+        emb = self.time_embed(t_emb)
+        return emb if self.extra is None else emb + self.extra.to(emb.dtype)
 
 
 class LatentDiffusionTwin(nn.Module):
@@ -46,6 +69,9 @@ class LatentDiffusionTwin(nn.Module):
         num_queries, adapter_heads, adapter_layers, patch_size: the condition encoder's adapter.
         residual_scale: ``> 0`` -- diffuse the change ``(z_target - z_prior) / residual_scale``;
             ``0`` -- diffuse the target latent itself. Kept as a buffer so checkpoints carry it.
+        interval_dim: ``F`` of ``ehr_interval`` (the interval features of the prior-scan -> target
+            interval, see :func:`~monai_twin.engines.twin_conditions`); ``0`` (default) -- no
+            interval path, the EHR reaches the denoiser through cross-attention only.
 
     Example::
 
@@ -71,6 +97,7 @@ class LatentDiffusionTwin(nn.Module):
         adapter_layers: int = 2,
         patch_size: int = 2,
         residual_scale: float = 1.0,
+        interval_dim: int = 0,
     ) -> None:
         super().__init__()
         from monai.networks.nets import DiffusionModelUNet
@@ -81,7 +108,10 @@ class LatentDiffusionTwin(nn.Module):
             raise ValueError(f"latent_channels must be >= 1, got {latent_channels}.")
         if residual_scale < 0:
             raise ValueError(f"residual_scale must be >= 0 (0 = diffuse the target itself), got {residual_scale}.")
+        if interval_dim < 0:
+            raise ValueError(f"interval_dim must be >= 0, got {interval_dim}.")
         self.spatial_dims, self.latent_channels = spatial_dims, latent_channels
+        self.interval_dim, self.static_dim, self.context_dim = int(interval_dim), int(static_dim), int(context_dim)
         self.condition = TwinConditionEncoder(
             spatial_dims,
             latent_channels,
@@ -106,6 +136,14 @@ class LatentDiffusionTwin(nn.Module):
             cross_attention_dim=context_dim,
         )
         self.register_buffer("residual_scale", torch.tensor(float(residual_scale)))
+        if self.interval_dim > 0:
+            from ..blocks.ehr_encoder import EHREncoder
+
+            time_embed_dim = 4 * int(channels[0])  # DiffusionModelUNet's timestep-embedding width
+            self.interval = EHREncoder(self.interval_dim, static_dim, context_dim, hidden=2 * context_dim)
+            self.interval_null = nn.Parameter(torch.zeros(1, 1, context_dim))
+            self.interval_to_time = nn.Sequential(nn.SiLU(), nn.Linear(context_dim, time_embed_dim))
+            self.denoiser.time_embed = _TimeEmbeddingPlus(self.denoiser.time_embed)
 
     # ---------------------------------------------------------------------------------------------
     # diffusion variable <-> target latent
@@ -132,12 +170,37 @@ class LatentDiffusionTwin(nn.Module):
         ehr_static: torch.Tensor,
         gap: torch.Tensor,
         drop_condition: Optional[torch.Tensor] = None,  # noqa: UP045 (TorchScript)
+        ehr_interval: Optional[torch.Tensor] = None,  # noqa: UP045
+        ehr_interval_mask: Optional[torch.Tensor] = None,  # noqa: UP045
     ) -> torch.Tensor:
-        """The cross-attention context ``(B, Q, context_dim)``; computed once per sampling run."""
+        """The condition context ``(B, Q, context_dim)`` (``Q + 1`` tokens with the interval path,
+        whose embedding is the last token); computed once per sampling run."""
         self._check_prior(prior)
-        return self.condition(
+        context = self.condition(
             prior, ehr_tokens_code, ehr_tokens_value, ehr_tokens_time, ehr_tokens_mask, ehr_static, gap, drop_condition
         )
+        if self.interval_dim == 0:
+            return context
+        b = prior.shape[0]
+        if ehr_interval is None:
+            raise ValueError(f"LatentDiffusionTwin(interval_dim={self.interval_dim}) needs ehr_interval (B, F).")
+        _check("ehr_interval", ehr_interval, 2, b)
+        if ehr_interval.shape[1] != self.interval_dim:
+            raise ValueError(f"ehr_interval has {ehr_interval.shape[1]} features, expected {self.interval_dim}.")
+        mask = torch.ones_like(ehr_interval) if ehr_interval_mask is None else ehr_interval_mask.to(ehr_interval)
+        if mask.shape != ehr_interval.shape:
+            raise ValueError(
+                f"ehr_interval_mask {tuple(mask.shape)} must match ehr_interval {tuple(ehr_interval.shape)}."
+            )
+        token = self.interval(
+            gap.view(b, 1).to(ehr_interval),
+            ehr_interval.unsqueeze(1),
+            mask.unsqueeze(1),
+            ehr_static.to(ehr_interval) if self.static_dim > 0 else None,
+        )
+        if drop_condition is not None:
+            token = torch.where(drop_condition.bool().view(-1, 1, 1), self.interval_null.expand(b, -1, -1), token)
+        return torch.cat([context, token.to(context)], dim=1)
 
     def _check_prior(self, prior: torch.Tensor) -> None:
         _check("prior", prior, self.spatial_dims + 2)
@@ -157,6 +220,8 @@ class LatentDiffusionTwin(nn.Module):
         gap: Optional[torch.Tensor] = None,  # noqa: UP045
         drop_condition: Optional[torch.Tensor] = None,  # noqa: UP045
         context: Optional[torch.Tensor] = None,  # noqa: UP045
+        ehr_interval: Optional[torch.Tensor] = None,  # noqa: UP045
+        ehr_interval_mask: Optional[torch.Tensor] = None,  # noqa: UP045
     ) -> torch.Tensor:
         """
         Args:
@@ -168,6 +233,7 @@ class LatentDiffusionTwin(nn.Module):
             ehr_static: ``(B, S)``; gap: ``(B,)`` days from the prior scan to the target.
             drop_condition: ``(B,)`` 1 = drop the clinical context (classifier-free guidance).
             context: a precomputed :meth:`encode_condition` output; the EHR arguments are then unused.
+            ehr_interval, ehr_interval_mask: ``(B, F)`` interval features and mask (``interval_dim > 0``).
 
         Returns:
             the model output ``(B, C, *spatial)`` (noise for DDPM/DDIM, velocity for RFlow).
@@ -194,7 +260,7 @@ class LatentDiffusionTwin(nn.Module):
                 raise ValueError(f"LatentDiffusionTwin: missing condition(s) {missing} (or pass context=).")
             assert ehr_tokens_code is not None and ehr_tokens_value is not None and ehr_tokens_time is not None
             assert ehr_tokens_mask is not None and ehr_static is not None and gap is not None
-            context = self.condition(
+            context = self.encode_condition(
                 prior,
                 ehr_tokens_code,
                 ehr_tokens_value,
@@ -203,7 +269,17 @@ class LatentDiffusionTwin(nn.Module):
                 ehr_static,
                 gap,
                 drop_condition,
+                ehr_interval,
+                ehr_interval_mask,
             )
         elif context.shape[0] != x.shape[0]:
             raise ValueError(f"context has batch size {context.shape[0]}, x has {x.shape[0]}.")
-        return self.denoiser(torch.cat([x, prior], dim=1), timesteps, context=context)
+        if self.interval_dim == 0:
+            return self.denoiser(torch.cat([x, prior], dim=1), timesteps, context=context)
+        time_embed = self.denoiser.time_embed
+        assert isinstance(time_embed, _TimeEmbeddingPlus)
+        time_embed.extra = self.interval_to_time(context[:, -1])
+        try:
+            return self.denoiser(torch.cat([x, prior], dim=1), timesteps, context=context)
+        finally:
+            time_embed.extra = None
