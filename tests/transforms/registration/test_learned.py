@@ -132,6 +132,53 @@ class TestVoxelMorph(unittest.TestCase):
         disp = net(torch.rand(1, 1, *shape), torch.rand(1, 1, *shape))
         torch.testing.assert_close(disp, torch.full_like(disp, float(scale)))
 
+    @parameterized.expand([(2, (30, 37), 4), (3, (12, 10, 9), 2)])
+    def test_unshuffle_pooling_feeds_every_voxel_as_a_channel(self, ndim, shape, scale):
+        torch.manual_seed(0)
+        net = build_voxelmorph(ndim, (4, 4), integration_steps=2, scale=scale, pooling="unshuffle")
+        source, target = torch.rand(2, 1, *shape), torch.rand(2, 1, *shape)
+        s, t = net.network_input(source, target)
+        self.assertEqual(s.shape[1], scale**ndim)
+        padded = net._pad(source)
+        if ndim == 2:
+            torch.testing.assert_close(s, torch.nn.functional.pixel_unshuffle(padded, scale))
+        else:  # channel k holds the block offset (k // s^2, k // s % s, k % s)
+            k = 5
+            offset = (k // scale**2, k // scale % scale, k % scale)
+            torch.testing.assert_close(
+                s[:, k], padded[:, 0, offset[0] :: scale, offset[1] :: scale, offset[2] :: scale]
+            )
+        # the average of the block channels is the average-pooled image
+        torch.testing.assert_close(t.mean(1, keepdim=True), net.coarse(target))
+        with torch.no_grad():
+            self.assertEqual(tuple(net(source, target).shape), (2, ndim, *shape))
+        with self.assertRaisesRegex(ValueError, "pooling"):
+            build_voxelmorph(ndim, (4, 4), scale=scale, pooling="max")
+
+    def test_identity_pairs_are_added_and_recorded(self):
+        with TemporaryDirectory() as tmp:
+            path = Path(tmp) / "vxm.pt"
+            train_voxelmorph(
+                _pairs(4),
+                2,
+                steps=2,
+                batch_size=2,
+                supervised=1.0,
+                nb_features=(4, 4),
+                scale=2,
+                pooling="unshuffle",
+                identity_fraction=0.5,
+                log_every=0,
+                out=path,
+            )
+            record = json.loads(path.with_suffix(".json").read_text())
+            self.assertEqual((record["training"]["pairs"], record["training"]["identity_pairs"]), (4, 2))
+            self.assertEqual(record["architecture"]["pooling"], "unshuffle")
+            model = load_voxelmorph(path)
+            self.assertEqual((model.pooling, model.scale), ("unshuffle", 2))
+        with self.assertRaisesRegex(ValueError, "identity_fraction"):
+            train_voxelmorph(_pairs(2), 2, steps=1, identity_fraction=-1.0)
+
 
 BUNDLES = Path(__file__).resolve().parents[3] / "bundles"
 
