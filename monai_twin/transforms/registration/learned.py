@@ -220,6 +220,7 @@ def train_voxelmorph(
     identity_fraction: float = 0.0,
     out: str | os.PathLike | None = None,
     log_every: int = 50,
+    callback: Any = None,
     config_extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train a :class:`ScaledVxmPairwise` on ``(moving, fixed, true_field_or_None)`` pairs.
@@ -254,6 +255,8 @@ def train_voxelmorph(
         out: where to save the weights: a bare ``state_dict`` (``.pt``) and its architecture and
             training record next to it (same name, ``.json``), both written atomically.
         log_every: print the loss every so many steps (0 = silent).
+        callback: called as ``callback(step, model)`` at every logged step (e.g. a validation score;
+            the model is in eval mode during the call).
         config_extra: more entries for the JSON record (training command, measured figures, ...).
 
     Returns:
@@ -315,6 +318,11 @@ def train_voxelmorph(
         losses.append(loss.item())
         if log_every and (step % log_every == 0 or step == steps - 1):
             print(f"step {step:5d}  loss {losses[-1]:.5f}  ({time.perf_counter() - start:.0f} s)", flush=True)
+            if callback is not None:
+                model.eval()
+                with torch.no_grad():
+                    callback(step, model)
+                model.train()
     model.eval()
     seconds = time.perf_counter() - start
     config: dict[str, Any] = {
@@ -566,7 +574,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="add this share (of the changed pairs) of fixed-vs-itself pairs with a zero field",
     )
     parser.add_argument("--cache", default=None, help=".npz of prepared pairs: written on the first run, then read")
+    parser.add_argument("--val-subjects", type=int, default=0, help="validation subjects (visit 1 -> visit 0)")
+    parser.add_argument("--val-seed", type=int, default=2, help="testbed seed of the validation subjects")
+    parser.add_argument("--val-every", type=int, default=1000, help="validate every so many steps")
     args = parser.parse_args(argv)
+    if args.val_subjects and args.val_seed in (0, args.cohort_seed):
+        parser.error("--val-seed must differ from the training cohort and from the benchmark cohort (seed 0)")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     cache = Path(args.cache) if args.cache else None
@@ -583,6 +596,22 @@ def main(argv: Sequence[str] | None = None) -> None:
                 field=np.stack([p[2] for p in pairs]),
             )
     print(f"{len(pairs)} pairs prepared in {time.perf_counter() - start:.0f} s", flush=True)
+    callback, validation = None, []
+    if args.val_subjects:
+        val = testbed_pairs(args.kind, args.val_subjects, seed=args.val_seed, visits_per_subject=2)
+
+        def callback(step: int, model: ScaledVxmPairwise) -> None:
+            if step % args.val_every and step != args.steps - 1:
+                return
+            errors = []
+            for moving, fixed, field in val:
+                pair = _normalise(torch.as_tensor(np.stack([moving, fixed]), dtype=torch.float32)[:, None])
+                disp = model(pair[:1], pair[1:])[0].numpy()
+                content = pair[1, 0].numpy() > 0.05
+                errors.append(float(np.sqrt(((disp - field) ** 2).sum(0))[content].mean()))
+            validation.append({"step": step, "epe_median": float(np.median(errors))})
+            print(f"  validation ({len(val)} pairs, seed {args.val_seed}): EPE median {np.median(errors):.3f} px")
+
     command = "python -m monai_twin.transforms.registration.learned " + shlex.join(
         list(sys.argv[1:] if argv is None else argv)
     )
@@ -602,8 +631,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         seed=args.seed,
         identity_fraction=args.identity_fraction,
         out=args.out,
+        callback=callback,
         config_extra={"kind": args.kind, "cohort_seed": args.cohort_seed, "command": command},
     )
+    if validation:
+        result["config"]["validation"] = {"seed": args.val_seed, "subjects": args.val_subjects, "curve": validation}
+        save_voxelmorph(result["model"], args.out, result["config"])
     size = os.path.getsize(args.out) / 1e6
     print(f"trained in {result['seconds']:.0f} s, final loss {result['losses'][-1]:.5f}, {args.out} ({size:.2f} MB)")
 
