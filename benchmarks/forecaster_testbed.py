@@ -221,6 +221,12 @@ def main() -> None:
     parser.add_argument("--max-history", type=int, default=4)
     parser.add_argument("--channels", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--hidden", type=int, default=32)
+    parser.add_argument("--change", default="additive", choices=("additive", "deformation"))
+    parser.add_argument(
+        "--shared-ehr-head", action="store_true", help="let the future-EHR loss reach the image trunk (old default)"
+    )
+    parser.add_argument("--flow-scale", type=float, default=4.0, help="voxels per unit of the displacement head")
+    parser.add_argument("--norm", default="INSTANCE", help="normalisation of the twin's convolutions ('none' for none)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--ssim-weight", type=float, default=0.0)
     parser.add_argument("--ehr-weight", type=float, default=0.01, help="weight of the future-EHR loss term")
@@ -295,6 +301,10 @@ def main() -> None:
             future_ehr_dim=1,
             future_ehr_base=base,
             max_history=args.max_history,
+            norm=None if args.norm.lower() == "none" else args.norm,
+            change=args.change,
+            isolate_ehr_head=not args.shared_ehr_head,
+            flow_scale=args.flow_scale,
         )
         loaders = [
             DataLoader(_tensor_only(data[name]), batch_size=8, shuffle=name == "training")

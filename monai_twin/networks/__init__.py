@@ -5,6 +5,7 @@ from __future__ import annotations
 from .blocks import ConvLSTM, ConvLSTMCell, EHREncoder, FiLM, STFiLM
 from .diffusion import AutoencoderKLLoss, LatentDiffusionTwin, TwinConditionEncoder, autoencoder_config
 from .nets import (
+    CHANGE_MODELS,
     CONDITIONING,
     VIVIT_CONDITIONING,
     CVAEGANRefiner,
@@ -12,10 +13,12 @@ from .nets import (
     RefinedTwin,
     TwinForecaster,
     ViViTTwin,
+    warp_image,
 )
 
 __all__ = [
     "AutoencoderKLLoss",
+    "CHANGE_MODELS",
     "CONDITIONING",
     "CVAEGANRefiner",
     "CVAEGANTrainingStep",
@@ -31,4 +34,5 @@ __all__ = [
     "VIVIT_CONDITIONING",
     "ViViTTwin",
     "autoencoder_config",
+    "warp_image",
 ]

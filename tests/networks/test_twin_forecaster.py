@@ -7,8 +7,12 @@ import torch
 from parameterized import parameterized
 
 from monai_twin.networks import CONDITIONING, TwinForecaster
+from monai_twin.networks.nets.twin_forecaster import warp_image
 
-CASES = [(dims, cond) for dims in (2, 3) for cond in CONDITIONING]
+CASES = [(dims, cond) for dims in (2, 3) for cond in CONDITIONING] + [
+    (2, "stfilm", "deformation"),
+    (3, "film", "deformation"),
+]
 
 
 def _net(dims, cond="stfilm", **kw):
@@ -29,8 +33,8 @@ def _inputs(dims, b=2, t=3):
 
 class TestTwinForecaster:
     @parameterized.expand(CASES)
-    def test_untrained_forecast_is_copy_last(self, dims, cond):
-        net = _net(dims, cond)
+    def test_untrained_forecast_is_copy_last(self, dims, cond, change="additive"):
+        net = _net(dims, cond, change=change)
         history, times, mask, iv, ivm, st = _inputs(dims)
         pred, future = net.forecast(history, times, mask, iv, ivm, st)
         assert pred.shape == history.shape[:1] + history.shape[2:] and future.shape == (2, 2)
@@ -38,9 +42,9 @@ class TestTwinForecaster:
         torch.testing.assert_close(pred[0], history[0, 2])
         torch.testing.assert_close(pred[1], history[1, 1])
 
-    @parameterized.expand([(2,), (3,)])
-    def test_torchscript_round_trip(self, dims):
-        net = _net(dims).eval()
+    @parameterized.expand([(2, "additive"), (3, "additive"), (2, "deformation"), (3, "deformation")])
+    def test_torchscript_round_trip(self, dims, change):
+        net = _net(dims, change=change).eval()
         with torch.no_grad():
             for p in net.parameters():  # move away from the zero-initialised copy-last state
                 p.add_(0.01 * torch.randn_like(p))
@@ -94,6 +98,72 @@ class TestTwinForecaster:
             trained = float(((net(h, t, ehr_intervals=iv) - target) ** 2).mean())
         assert trained < 0.25 * copy_last
 
+    @parameterized.expand([(True,), (False,)])
+    def test_isolated_ehr_head_leaves_the_trunk_alone(self, isolate):
+        """The future-EHR loss reaches the image encoder and ConvLSTM only when not isolated."""
+        net = _net(2, isolate_ehr_head=isolate)
+        history, times, mask, iv, ivm, st = _inputs(2)
+        _, future = net.forecast(history, times, mask, iv, ivm, st)
+        future.square().sum().backward()
+        assert net.ehr_head[-1].weight.grad.abs().sum() > 0
+        trunk = [p.grad for m in (net.encoder, net.lstm, net.ehr_encoder) for p in m.parameters()]
+        reached = any(g is not None and g.abs().sum() > 0 for g in trunk)
+        assert reached != isolate
+
+    @parameterized.expand([(2,), (3,)])
+    def test_warp_matches_monai_warp(self, dims):
+        """``warp_image`` is MONAI's ``Warp`` (bilinear, border) in a TorchScript-friendly form."""
+        from monai.networks.blocks import Warp
+
+        torch.manual_seed(0)
+        image = torch.rand(2, 2, *([9] * dims))
+        ddf = 2.0 * torch.randn(2, dims, *([9] * dims))
+        torch.testing.assert_close(warp_image(image, ddf), Warp("bilinear", "border")(image, ddf), atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match=rf"ddf must have shape \(B, {dims}"):
+            warp_image(image, ddf[:, :1])
+
+    def test_deformation_moves_the_last_scan(self):
+        """A constant displacement of one pixel along axis 0 shifts the forecast by one row."""
+        net = _net(2, change="deformation")
+        with torch.no_grad():
+            net.flow.conv.bias.copy_(torch.tensor([1.0, 0.0]) / net.flow_scale)
+        history, times, mask, iv, ivm, st = _inputs(2)
+        pred = net(history, times, mask, iv, ivm, st)
+        torch.testing.assert_close(pred[0, :, :-1], history[0, 2, :, 1:])
+
+    def test_deformation_learns_an_ehr_driven_growth(self):
+        """A toy lesion grows by a dose-dependent sub-pixel radius: the deformation twin learns it."""
+        torch.manual_seed(0)
+        net = TwinForecaster(
+            2, 1, channels=(8, 16), hidden_channels=16, ehr_interval_dim=1, ehr_embed_dim=8, change="deformation"
+        )
+        yy, xx = torch.meshgrid(torch.arange(24.0), torch.arange(24.0), indexing="ij")
+        rho = torch.sqrt((yy - 12) ** 2 + (xx - 12) ** 2)
+
+        def blob(radius):  # a soft-edged disc, (n, 1, 24, 24)
+            return torch.sigmoid(2.0 * (radius.view(-1, 1, 1, 1) - rho))
+
+        def batch(n=16):
+            dose = torch.rand(n)
+            r0 = 3.0 + 2.0 * torch.rand(n)
+            history = torch.stack([blob(r0 - 0.5), blob(r0)], dim=1)
+            target = blob(r0 + 1.5 * (1.0 - dose))
+            intervals = torch.stack([torch.zeros(n), dose], dim=1).unsqueeze(-1)
+            return history, torch.tensor([[200.0, 100.0]]).repeat(n, 1), intervals, target
+
+        opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+        h, t, iv, target = batch(64)
+        copy_last = float(((h[:, -1] - target) ** 2).mean())
+        for _ in range(120):
+            hb, tb, ivb, yb = batch()
+            loss = ((net(hb, tb, ehr_intervals=ivb) - yb) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            trained = float(((net(h, t, ehr_intervals=iv) - target) ** 2).mean())
+        assert trained < 0.25 * copy_last
+
     @parameterized.expand(
         [
             ("rank", r"history must have shape \(B, T, C, \*2 spatial dims\)"),
@@ -132,6 +202,9 @@ class TestTwinForecaster:
     @parameterized.expand(
         [
             ({"conditioning": "xattn"}, "conditioning must be one of"),
+            ({"change": "affine"}, "change must be one of"),
+            ({"change": "deformation", "residual": False}, "needs residual=True"),
+            ({"flow_scale": 0.0}, "flow_scale must be > 0"),
             ({"out_channels": 2}, "residual=True needs out_channels"),
             ({"spatial_dims": 4}, "spatial_dims"),
             ({"max_history": 0}, "max_history"),

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 from .cvae_gan import CVAEGANRefiner, CVAEGANTrainingStep, RefinedTwin
-from .twin_forecaster import CONDITIONING, TwinForecaster
+from .twin_forecaster import CHANGE_MODELS, CONDITIONING, TwinForecaster, warp_image
 from .vivit_twin import VIVIT_CONDITIONING, ViViTTwin
 
 __all__ = [
+    "CHANGE_MODELS",
     "CONDITIONING",
     "CVAEGANRefiner",
     "CVAEGANTrainingStep",
@@ -12,4 +13,5 @@ __all__ = [
     "TwinForecaster",
     "VIVIT_CONDITIONING",
     "ViViTTwin",
+    "warp_image",
 ]
