@@ -204,11 +204,24 @@ def mri_section(args) -> None:
         )
         for name in ("training", "test")
     }
-    config = autoencoder_config("mri_roi3d")
+    config = autoencoder_config(
+        "mri_roi3d",
+        change_weight=args.ae_change_weight,
+        change_pool=args.ae_change_pool,
+        **({"channels": tuple(args.mri_ae_channels)} if args.mri_ae_channels else {}),
+    )
     autoencoder = config.build()
     train_images = torch.stack([torch.from_numpy(images[k][None]) for k in images if k[0] in set(split["training"])])
     t0 = time.perf_counter()
-    train_autoencoder(autoencoder, train_images, config, epochs=args.mri_ae_epochs, batch_size=8, lr=2e-3)
+    if args.mri_autoencoder and Path(args.mri_autoencoder).is_file():
+        autoencoder.load_state_dict(torch.load(args.mri_autoencoder, weights_only=True))
+        autoencoder.eval()
+        print(f"3D autoencoder loaded from {args.mri_autoencoder}")
+    else:
+        train_autoencoder(autoencoder, train_images, config, epochs=args.mri_ae_epochs, batch_size=8, lr=2e-3)
+        if args.mri_autoencoder:
+            Path(args.mri_autoencoder).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(autoencoder.state_dict(), args.mri_autoencoder)
     ae_time = time.perf_counter() - t0
     train = [s for s, _ in data["training"]]
     pairs = train + [null_ehr_sample(train[i], rng) for i in rng.choice(len(train), len(train) // 3, replace=False)]
@@ -220,8 +233,15 @@ def mri_section(args) -> None:
         {"prior": p, "target": t, **{k: s[k] for k in DIFFUSION_CONDITION_KEYS + DIFFUSION_OPTIONAL_KEYS}}
         for p, t, s in zip(priors, targets, pairs)
     ]
-    scheduler = make_scheduler("ddim")
-    net = LatentDiffusionTwin(3, config.latent_channels, vocabulary.size, train[0]["ehr_static"].shape[0])
+    scheduler = make_scheduler("ddim", prediction_type=args.prediction)
+    torch.manual_seed(args.seed)
+    net = LatentDiffusionTwin(
+        3,
+        config.latent_channels,
+        vocabulary.size,
+        train[0]["ehr_static"].shape[0],
+        interval_dim=train[0]["ehr_interval"].shape[0] if args.ehr_path == "interval" else 0,
+    )
     t0 = time.perf_counter()
     losses = train_diffusion_twin(net, scheduler, latents, epochs=args.mri_epochs, batch_size=32, lr=1e-3)
     twin_time = time.perf_counter() - t0
@@ -229,7 +249,9 @@ def mri_section(args) -> None:
     prior_images = torch.stack([s["prior_image"] for s in test])
     target_images = torch.stack([s["target_image"] for s in test])
     conditions = _stack(test, DIFFUSION_CONDITION_KEYS + DIFFUSION_OPTIONAL_KEYS)
-    inferer = LatentTwinInferer(scheduler, autoencoder, scale_factor, num_inference_steps=args.steps)
+    inferer = LatentTwinInferer(
+        scheduler, autoencoder, scale_factor, num_inference_steps=args.steps, change_threshold=args.change_threshold
+    )
     null = {k: (torch.zeros_like(v) if k != "ehr_static" else v) for k, v in conditions.items()}
     means, null_means = [], []
     for start in range(0, len(test), 8):
@@ -280,7 +302,21 @@ def main() -> None:
         help="interval: the prior-scan -> target interval features also drive the timestep embedding; "
         "crossattn: EHR tokens through cross-attention only",
     )
+    parser.add_argument(
+        "--change-threshold",
+        type=float,
+        default=0.02,
+        help="decoded changes at most this (image units) keep the prior (LatentTwinInferer.change_threshold)",
+    )
     parser.add_argument("--twin-channels", type=int, nargs="+", default=[32, 64], help="denoiser UNet channels")
+    parser.add_argument(
+        "--ae-change-weight", type=float, default=0.0, help="weight of the autoencoders' change term on pairs"
+    )
+    parser.add_argument("--ae-change-pool", type=int, default=4, help="the change term's average pooling (voxels)")
+    parser.add_argument(
+        "--ae-change-epochs", type=int, default=0, help="2D: epochs on (prior, target) pairs after --ae-epochs"
+    )
+    parser.add_argument("--ae-latent-channels", type=int, default=None, help="2D autoencoder latent channels")
     parser.add_argument(
         "--ae-channels", type=int, nargs="+", default=None, help="2D autoencoder channels (default: the preset's)"
     )
@@ -297,6 +333,8 @@ def main() -> None:
     parser.add_argument("--mri-subjects", type=int, default=0, help="> 0 also runs the 3D brain-ROI configuration")
     parser.add_argument("--mri-ae-epochs", type=int, default=10)
     parser.add_argument("--mri-epochs", type=int, default=60)
+    parser.add_argument("--mri-ae-channels", type=int, nargs="+", default=None, help="3D autoencoder channels")
+    parser.add_argument("--mri-autoencoder", default=None, help="3D autoencoder weights: loaded if the file exists")
     parser.add_argument("--convlstm-only", action="store_true", help="only the ConvLSTM twin on the same split")
     parser.add_argument("--skip-mammo", action="store_true", help="only the 3D configuration")
     args = parser.parse_args()
@@ -357,7 +395,13 @@ def main() -> None:
         return
 
     # ---- autoencoder
-    ae_config = autoencoder_config("mammo2d", **({"channels": tuple(args.ae_channels)} if args.ae_channels else {}))
+    ae_config = autoencoder_config(
+        "mammo2d",
+        change_weight=args.ae_change_weight,
+        change_pool=args.ae_change_pool,
+        **({"channels": tuple(args.ae_channels)} if args.ae_channels else {}),
+        **({"latent_channels": args.ae_latent_channels} if args.ae_latent_channels else {}),
+    )
     autoencoder = ae_config.build()
     train_images = torch.stack([torch.from_numpy(images[k][None]) for k in images if k[0] in set(split["training"])])
     t0 = time.perf_counter()
@@ -367,9 +411,18 @@ def main() -> None:
         ae_losses = [float("nan")]
         print(f"autoencoder loaded from {args.autoencoder}")
     else:
+        # stage 1: every training scan; stage 2 (--ae-change-epochs): (prior, target) pairs of the
+        # training subjects with the change term, so that the latent keeps a lesion-boundary move
         ae_losses = train_autoencoder(
             autoencoder, train_images, ae_config, epochs=args.ae_epochs, batch_size=16, lr=2e-3
         )
+        if args.ae_change_epochs > 0:
+            pairs_images = torch.stack(
+                [torch.stack([s["prior_image"], s["target_image"]]) for s, _ in data["training"]]
+            )
+            ae_losses += train_autoencoder(
+                autoencoder, pairs_images, ae_config, epochs=args.ae_change_epochs, batch_size=16, lr=2e-3
+            )
         if args.autoencoder:
             Path(args.autoencoder).parent.mkdir(parents=True, exist_ok=True)
             torch.save(autoencoder.state_dict(), args.autoencoder)
@@ -380,7 +433,7 @@ def main() -> None:
     with torch.no_grad():
         recon = autoencoder.decode(autoencoder.encode(test_images)[0]).clamp(0, 1)
     print(
-        f"autoencoder: {args.ae_epochs} epochs in {ae_time:.0f} s, loss {ae_losses[0]:.4f} -> {ae_losses[-1]:.4f}; "
+        f"autoencoder: {args.ae_epochs} + {args.ae_change_epochs} (pairs) epochs in {ae_time:.0f} s, loss {ae_losses[0]:.4f} -> {ae_losses[-1]:.4f}; "
         f"test reconstruction SSIM {ssim(recon, test_images).mean():.3f}, PSNR {psnr(recon, test_images).mean():.2f} dB"
     )
 
@@ -435,10 +488,17 @@ def main() -> None:
         rec_target = autoencoder.decode(autoencoder.encode(pair_target)[0])
     on_true = [mass(s["target_image"], s["prior_image"], m) for s, m in lesion_test]
     on_recon = [mass(rec_target[i], rec_prior[i], m) for i, (_, m) in enumerate(lesion_test)]
+    floor = args.change_threshold
+    kept = [
+        torch.where((rec_target[i] - rec_prior[i]).abs() > floor, rec_target[i], rec_prior[i])
+        for i in range(len(lesion_test))
+    ]
+    on_recon_kept = [mass(kept[i], rec_prior[i], m) for i, (_, m) in enumerate(lesion_test)]
     print(
         f"continuous reader (x {intensity_gain:.2f}) on the {len(lesion_test)} test pairs with a lesion: "
         f"r(read change, true change) = {pearsonr(on_true, true_change).statistic:.3f} on the true images, "
-        f"{pearsonr(on_recon, true_change).statistic:.3f} on autoencoder reconstructions "
+        f"{pearsonr(on_recon, true_change).statistic:.3f} on autoencoder reconstructions, "
+        f"{pearsonr(on_recon_kept, true_change).statistic:.3f} on their changes above {floor} "
         f"(mean |change| true {np.mean(np.abs(true_change)):.1f}, read {np.mean(np.abs(on_true)):.1f} / "
         f"{np.mean(np.abs(on_recon)):.1f} mm^2)"
     )
@@ -471,7 +531,12 @@ def main() -> None:
             f"{time.perf_counter() - t0:.0f} s, loss {np.mean(losses[:3]):.4f} -> {np.mean(losses[-3:]):.4f}"
         )
         inferer = LatentTwinInferer(
-            scheduler, autoencoder, scale_factor, num_inference_steps=args.steps, guidance_scale=args.guidance
+            scheduler,
+            autoencoder,
+            scale_factor,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            change_threshold=args.change_threshold,
         )
         twins[kind] = (net, inferer)
 

@@ -257,9 +257,13 @@ def train_autoencoder(
 ) -> list[float]:
     """Train an ``AutoencoderKL`` on ``images`` ``(N, C, *spatial)`` with MONAI's ``SupervisedTrainer``.
 
+    ``images`` may also be (prior, target) pairs ``(N, 2, C, *spatial)``: the autoencoder is then
+    trained through :class:`~monai_twin.networks.diffusion.PairedAutoencoder`, and the config's
+    ``change_weight`` makes it keep the change between the two (what the twin must forecast).
+
     Args:
         autoencoder: MONAI ``AutoencoderKL`` (``AutoencoderConfig.build()``).
-        images: training images, intensities ~[0, 1].
+        images: training images or pairs, intensities ~[0, 1].
         config: its :class:`~monai_twin.networks.diffusion.AutoencoderConfig` (loss weights).
         progress: tqdm bar over iterations.
 
@@ -269,10 +273,13 @@ def train_autoencoder(
     from monai.engines import SupervisedTrainer
     from torch.utils.data import DataLoader
 
-    from ..networks.diffusion import AutoencoderKLLoss
+    from ..networks.diffusion import AutoencoderKLLoss, PairedAutoencoder
 
-    if not isinstance(images, torch.Tensor) or images.ndim != config.spatial_dims + 2:
-        raise ValueError(f"images must be a (N, C, *spatial) tensor with {config.spatial_dims} spatial dims.")
+    paired = isinstance(images, torch.Tensor) and images.ndim == config.spatial_dims + 3 and images.shape[1] == 2
+    if not isinstance(images, torch.Tensor) or (images.ndim != config.spatial_dims + 2 and not paired):
+        raise ValueError(
+            f"images must be a (N, C, *spatial) tensor with {config.spatial_dims} spatial dims (or (N, 2, C, *spatial) pairs)."
+        )
     if not bool(torch.isfinite(images).all()):
         raise ValueError("images contains NaN or infinite values.")
     torch.manual_seed(seed)
@@ -282,7 +289,7 @@ def train_autoencoder(
         device=torch.device(device),
         max_epochs=epochs,
         train_data_loader=loader,
-        network=autoencoder.to(device),
+        network=(PairedAutoencoder(autoencoder) if paired else autoencoder).to(device),
         optimizer=torch.optim.Adam(autoencoder.parameters(), lr),
         loss_function=AutoencoderKLLoss(config),
         decollate=False,

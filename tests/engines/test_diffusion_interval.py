@@ -215,3 +215,32 @@ class TestTrainingWithIntervals:
         assert float(same["difference"].abs().max()) == 0.0
         edited = inferer.what_if(prior, net, recorded, stopped, 2)
         assert float(edited["difference"].abs().max()) > 0.0  # the exposure edit reaches the image
+
+
+class TestChangePreservingAutoencoder:
+    def test_change_term(self):
+        from monai_twin.networks.diffusion import AutoencoderKLLoss, autoencoder_config
+
+        config = autoencoder_config("mammo2d", ssim_weight=0.0, kl_weight=0.0, change_weight=2.0)
+        pairs = torch.rand(3, 2, 1, 16, 16)
+        mu, sigma = torch.zeros(6, 4, 4, 4), torch.ones(6, 4, 4, 4)
+        # the same offset on both images of a pair: reconstruction error 0.1, no change error
+        assert float(AutoencoderKLLoss(config)((pairs + 0.1, mu, sigma), pairs)) == pytest.approx(0.1, rel=1e-4)
+        # the target's reconstruction loses the change: + 2 x mean |change|
+        recon = pairs.clone()
+        recon[:, 1] = pairs[:, 0]
+        expected = (recon - pairs).abs().mean() + 2.0 * (pairs[:, 1] - pairs[:, 0]).abs().mean()
+        assert float(AutoencoderKLLoss(config)((recon, mu, sigma), pairs)) == pytest.approx(float(expected), rel=1e-4)
+
+    def test_train_on_pairs(self, cohort):
+        from monai_twin.networks.diffusion import PairedAutoencoder, autoencoder_config
+
+        folder, items, _ = cohort
+        pairs = torch.stack([torch.stack([_aligned(it["history"][-1]), _aligned(it["target"])]) for it in items])
+        config = autoencoder_config("mammo2d", channels=(8, 16), change_weight=1.0)
+        ae = config.build()
+        losses = train_autoencoder(ae, pairs, config, epochs=3, batch_size=16, lr=5e-3)
+        assert losses[-1] < 0.8 * losses[0]
+        assert not isinstance(ae, PairedAutoencoder) and hasattr(ae, "encode")  # the AutoencoderKL itself is trained
+        with pytest.raises(ValueError, match=r"pairs must have shape \(B, 2, C, \*spatial\)"):
+            PairedAutoencoder(ae)(torch.rand(2, 3, 1, 8, 8))

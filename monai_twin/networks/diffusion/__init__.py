@@ -9,7 +9,14 @@ Sampling lives in :mod:`monai_twin.inferers.diffusion`, training in :mod:`monai_
 
 from __future__ import annotations
 
-from .autoencoder import AUTOENCODER_CONFIGS, AutoencoderConfig, AutoencoderKLLoss, autoencoder_config, kl_divergence
+from .autoencoder import (
+    AUTOENCODER_CONFIGS,
+    AutoencoderConfig,
+    AutoencoderKLLoss,
+    PairedAutoencoder,
+    autoencoder_config,
+    kl_divergence,
+)
 from .condition import EHRTokenEncoder, FusionAdapter, ImageTokenEncoder, TwinConditionEncoder, fourier_features
 from .latent_twin import INTERVAL_CONDITION_KEYS, LatentDiffusionTwin
 
@@ -22,6 +29,7 @@ __all__ = [
     "INTERVAL_CONDITION_KEYS",
     "ImageTokenEncoder",
     "LatentDiffusionTwin",
+    "PairedAutoencoder",
     "TwinConditionEncoder",
     "autoencoder_config",
     "fourier_features",

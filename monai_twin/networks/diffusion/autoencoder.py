@@ -15,7 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["AUTOENCODER_CONFIGS", "AutoencoderConfig", "AutoencoderKLLoss", "autoencoder_config", "kl_divergence"]
+__all__ = [
+    "AUTOENCODER_CONFIGS",
+    "AutoencoderConfig",
+    "AutoencoderKLLoss",
+    "PairedAutoencoder",
+    "autoencoder_config",
+    "kl_divergence",
+]
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,17 @@ class AutoencoderConfig:
         num_res_blocks: residual blocks per level.
         norm_num_groups: group-norm groups (must divide every entry of ``channels``).
         l1_weight, ssim_weight, kl_weight: weights of the reconstruction L1, ``1 - SSIM`` and KL terms.
+        change_weight: weight of the *change* term on (prior, target) pairs: L1 between the change of
+            the reconstructions and the change of the images. A twin decodes its forecast as a change
+            of the prior's reconstruction, so a lesion-boundary move the autoencoder does not carry
+            cannot be forecast at all; plain reconstruction losses let that small change drown in
+            the reconstruction error. Used when training on pairs (:class:`PairedAutoencoder`).
+        change_pool: the change term compares the changes average-pooled over ``change_pool``
+            voxels per side (mass-preserving, so a lesion's gained intensity counts in full, while
+            the acquisition noise that differs between two scans -- which no autoencoder can or
+            should reproduce -- is averaged down); 1 = voxelwise.
+        mse_weight: weight of a squared-error reconstruction term (its optimum is the conditional
+            mean, which keeps small systematic changes that L1's median can round away).
         data_range: intensity range for SSIM (images are ~[0, 1]).
 
     Example::
@@ -48,6 +66,9 @@ class AutoencoderConfig:
     l1_weight: float = 1.0
     ssim_weight: float = 0.5
     kl_weight: float = 1e-6
+    change_weight: float = 0.0
+    change_pool: int = 1
+    mse_weight: float = 0.0
     data_range: float = 1.0
 
     def __post_init__(self) -> None:
@@ -57,6 +78,8 @@ class AutoencoderConfig:
             raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every channel count {self.channels}.")
         if self.latent_channels < 1:
             raise ValueError(f"latent_channels must be >= 1, got {self.latent_channels}.")
+        if self.change_pool < 1:
+            raise ValueError(f"change_pool must be >= 1, got {self.change_pool}.")
 
     @property
     def downsampling(self) -> int:
@@ -111,11 +134,33 @@ def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
     return kl.mean()
 
 
+class PairedAutoencoder(nn.Module):
+    """An ``AutoencoderKL`` applied to ``(B, 2, C, *spatial)`` (prior, target) pairs, for the change term.
+
+    ``forward(pairs)`` runs the wrapped autoencoder on the ``2B`` images and returns its
+    ``(reconstruction, z_mu, z_sigma)`` with the reconstruction reshaped back to pairs, so that
+    :class:`AutoencoderKLLoss` can compare the change of the reconstructions with the change of
+    the images. Only for training: the trained weights are those of ``autoencoder``.
+    """
+
+    def __init__(self, autoencoder: nn.Module) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if pairs.ndim < 4 or pairs.shape[1] != 2:
+            raise ValueError(f"PairedAutoencoder: pairs must have shape (B, 2, C, *spatial), got {tuple(pairs.shape)}.")
+        recon, z_mu, z_sigma = self.autoencoder(pairs.flatten(0, 1))
+        return recon.reshape(pairs.shape), z_mu, z_sigma
+
+
 class AutoencoderKLLoss(nn.Module):
     """L1 + ``ssim_weight`` x (1 - SSIM) + ``kl_weight`` x KL for ``AutoencoderKL``'s ``(recon, z_mu, z_sigma)``.
 
     Shaped for MONAI's ``SupervisedTrainer``: ``loss(network(image), image)``, where the network
     returns the tuple ``(reconstruction, z_mu, z_sigma)``. The SSIM term is MONAI's ``SSIMLoss``.
+    With (prior, target) pairs ``(B, 2, C, *spatial)`` (the network is a :class:`PairedAutoencoder`)
+    the loss adds ``change_weight`` x L1 between the reconstructions' change and the images' change.
 
     Args:
         config: the modality's :class:`AutoencoderConfig` (weights, ``spatial_dims``, data range).
@@ -135,7 +180,20 @@ class AutoencoderKLLoss(nn.Module):
         if recon.shape != image.shape:
             raise ValueError(f"AutoencoderKLLoss: reconstruction {tuple(recon.shape)} != image {tuple(image.shape)}.")
         c = self.config
-        loss = c.l1_weight * (recon - image).abs().mean() + c.kl_weight * kl_divergence(z_mu, z_sigma)
+        change = 0.0
+        if image.ndim == c.spatial_dims + 3:  # (B, 2, C, *spatial) pairs
+            if image.shape[1] != 2:
+                raise ValueError(f"AutoencoderKLLoss: pairs must have 2 images each, got shape {tuple(image.shape)}.")
+            if c.change_weight:
+                diff = (recon[:, 1] - recon[:, 0]) - (image[:, 1] - image[:, 0])
+                if c.change_pool > 1:
+                    pool = nn.functional.avg_pool2d if c.spatial_dims == 2 else nn.functional.avg_pool3d
+                    diff = pool(diff, c.change_pool)
+                change = c.change_weight * diff.abs().mean()
+            recon, image = recon.flatten(0, 1), image.flatten(0, 1)
+        loss = c.l1_weight * (recon - image).abs().mean() + c.kl_weight * kl_divergence(z_mu, z_sigma) + change
+        if c.mse_weight:
+            loss = loss + c.mse_weight * (recon - image).pow(2).mean()
         if c.ssim_weight:
             loss = loss + c.ssim_weight * self.ssim(recon.float(), image.float())
         return loss
