@@ -225,6 +225,7 @@ def main() -> None:
     parser.add_argument(
         "--shared-ehr-head", action="store_true", help="let the future-EHR loss reach the image trunk (old default)"
     )
+    parser.add_argument("--lr-schedule", default="cosine", help="'cosine' or 'none'")
     parser.add_argument("--flow-scale", type=float, default=4.0, help="voxels per unit of the displacement head")
     parser.add_argument("--norm", default="INSTANCE", help="normalisation of the twin's convolutions ('none' for none)")
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -318,6 +319,7 @@ def main() -> None:
             output_dir=run_dir,
             max_epochs=args.epochs,
             learning_rate=args.lr,
+            lr_schedule=None if args.lr_schedule == "none" else args.lr_schedule,
             ssim_weight=args.ssim_weight,
             ehr_weight=args.ehr_weight,
             val_interval=max(1, args.epochs // 5),

@@ -134,6 +134,7 @@ def train_forecaster(
     output_dir: str | os.PathLike,
     max_epochs: int = 10,
     learning_rate: float = 1e-3,
+    lr_schedule: str | None = "cosine",
     spatial_dims: int | None = None,
     ssim_weight: float = 0.1,
     ehr_weight: float = 0.01,
@@ -159,11 +160,15 @@ def train_forecaster(
         network: a twin (``TwinForecaster``, ``ViViTTwin``, ...).
         train_data, val_data: iterables (e.g. MONAI ``DataLoader``) of collated batches.
         output_dir: where checkpoints and logs go (created).
+        lr_schedule: ``"cosine"`` anneals the learning rate to 1 % of ``learning_rate`` over the
+            run (per iteration when ``train_data`` has a length, else per epoch, through MONAI's
+            ``LrScheduleHandler``); ``None`` keeps it constant.
         spatial_dims: for the SSIM terms; default the network's ``spatial_dims`` attribute.
         ssim_weight, ehr_weight, data_range: see :class:`ForecastLoss` / :class:`ForecastTrainer`. The
-            default ``ehr_weight`` balances the terms' usual sizes: the image MSE of [0, 1] scans is
-            ~1e-3, the squared error of normalised EHR values ~0.1; a larger weight lets the EHR
-            term steer the shared features away from the image.
+            EHR term of a ``TwinForecaster`` with ``isolate_ehr_head=True`` (its default) trains
+            the head alone, so ``ehr_weight`` cannot pull the image features; for networks whose
+            EHR head shares features with the image, keep the weighted term near the image MSE
+            (~1e-4 for [0, 1] scans, while normalised EHR errors are ~0.1-1).
         progress, tensorboard: turn the progress bar / the TensorBoard log off.
         extra_handlers: more trainer handlers (attached after the default ones).
         loss_function: replaces :class:`ForecastLoss`.
@@ -193,11 +198,24 @@ def train_forecaster(
         raise ValueError("spatial_dims must be 2 or 3 (the network has no spatial_dims attribute).")
     optimizer = torch.optim.AdamW(network.parameters(), lr=learning_rate)
     prepare = ForecastPrepareBatch(condition_keys=condition_keys)
+    if lr_schedule not in (None, "cosine"):
+        raise ValueError(f"lr_schedule must be 'cosine' or None, got {lr_schedule!r}.")
 
     def loss_of(output: dict) -> float:
         return float(output[Keys.LOSS].detach())
 
     handlers: list[Any] = [StatsHandler(tag_name="train_loss", output_transform=loss_of)]
+    if lr_schedule == "cosine":
+        from monai.handlers import LrScheduleHandler
+
+        try:
+            steps, per_iteration = max_epochs * len(train_data), True  # type: ignore[arg-type]
+        except TypeError:  # an iterable without a length: step once per epoch
+            steps, per_iteration = max_epochs, False
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(steps, 1), eta_min=learning_rate / 100
+        )
+        handlers.append(LrScheduleHandler(scheduler, print_lr=False, epoch_level=not per_iteration))
     evaluator = None
     if val_data is not None:
 

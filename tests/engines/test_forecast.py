@@ -99,6 +99,8 @@ def test_train_forecaster_checkpoints_logs_and_learns(cohort, tmp_path):
         extra_handlers=[Recorder()],
     )
     assert isinstance(trainer, ForecastTrainer)
+    # the default cosine schedule ends at 1 % of the learning rate
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(3e-5, rel=1e-3)
     first = np.mean([v for e, v, _ in losses if e == 1]), np.mean([v for e, _, v in losses if e == 1])
     last = np.mean([v for e, v, _ in losses if e == 8]), np.mean([v for e, _, v in losses if e == 8])
     # the image loss falls, and the EHR head ends better than the best constant (the targets' mean)
