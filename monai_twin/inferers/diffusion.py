@@ -214,11 +214,12 @@ class LatentTwinInferer(TwinDiffusionInferer):
         scale_factor: latent scaling of latent diffusion (``z = scale_factor * z_mu``).
         residual_decode: decode as ``prior_image + D(z_pred) - D(z_prior)`` -- the autoencoder's
             reconstruction error of the prior cancels, so unchanged anatomy keeps the prior's detail.
-        change_threshold: with ``residual_decode``, voxels where the decoded change
-            ``|D(z_pred) - D(z_prior)|`` is at most this (image units) keep the prior. A local
-            latent change moves the whole decoded image a little (the decoder's group norms pool
-            statistics over the image): a faint halo of a few thousandths that, summed over a
-            region, outweighs a lesion-boundary move. ``0`` keeps every change.
+        change_threshold: with ``residual_decode``, voxels where the forecast's mean change
+            (mean over samples of ``D(z_pred) - D(z_prior)``) is at most this (image units) keep the
+            prior in ``mean``. A local latent change moves the whole decoded image a little (the
+            decoder's group norms pool statistics over the image): a faint halo of a few thousandths
+            that, summed over a region, outweighs a lesion-boundary move. ``samples`` and ``std``
+            stay the raw draws (the spread is an uncertainty, not a forecast). ``0`` keeps every change.
         num_inference_steps: default sampling steps.
         guidance_scale: default classifier-free guidance scale.
 
@@ -324,14 +325,16 @@ class LatentTwinInferer(TwinDiffusionInferer):
         )
         latent = diffusion_model.from_diffusion(x, rep(prior))
         images = self.decode(latent)
-        if self.residual_decode and self.autoencoder is not None:
-            change = images - self.decode(rep(prior))
-            if self.change_threshold > 0:
-                change = torch.where(change.abs() > self.change_threshold, change, torch.zeros_like(change))
-            images = rep(prior_image) + change
+        residual = self.residual_decode and self.autoencoder is not None
+        if residual:
+            images = rep(prior_image) + images - self.decode(rep(prior))
         samples = images.reshape(n_samples, *prior_image.shape)
         std = samples.std(0, unbiased=True) if n_samples > 1 else torch.zeros_like(samples[0])
-        return {"samples": samples, "mean": samples.mean(0), "std": std, "noise": noise}
+        mean = samples.mean(0)
+        if residual and self.change_threshold > 0:
+            change = mean - prior_image
+            mean = prior_image + torch.where(change.abs() > self.change_threshold, change, torch.zeros_like(change))
+        return {"samples": samples, "mean": mean, "std": std, "noise": noise}
 
     @torch.no_grad()
     def what_if(
@@ -359,7 +362,7 @@ class LatentTwinInferer(TwinDiffusionInferer):
         return {
             "baseline": base["mean"],
             "counterfactual": edit["mean"],
-            "difference": paired.mean(0),
+            "difference": edit["mean"] - base["mean"],
             "baseline_std": base["std"],
             "counterfactual_std": edit["std"],
             "difference_std": paired.std(0) if n_samples > 1 else torch.zeros_like(paired[0]),

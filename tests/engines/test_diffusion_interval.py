@@ -244,3 +244,34 @@ class TestChangePreservingAutoencoder:
         assert not isinstance(ae, PairedAutoencoder) and hasattr(ae, "encode")  # the AutoencoderKL itself is trained
         with pytest.raises(ValueError, match=r"pairs must have shape \(B, 2, C, \*spatial\)"):
             PairedAutoencoder(ae)(torch.rand(2, 3, 1, 8, 8))
+
+
+class TestChangeThreshold:
+    def test_decoded_changes_below_the_floor_keep_the_prior(self, cohort):
+        from monai_twin.networks.diffusion import autoencoder_config
+
+        folder, items, vocabulary = cohort
+        item = items[0]
+        prior = _aligned(item["history"][-1])[None]
+        conditions = {k: v[None] for k, v in twin_conditions(item, vocabulary, 16).items()}
+        config = autoencoder_config("mammo2d", channels=(8, 16))
+        torch.manual_seed(0)
+        ae = config.build().eval()
+        net = LatentDiffusionTwin(2, 4, vocabulary.size, conditions["ehr_static"].shape[1], channels=(16, 32))
+        with torch.no_grad():  # an untrained UNet outputs zeros (MONAI zero-initialises its last layers)
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        scheduler = make_scheduler("ddim", prediction_type="sample")
+        kept = LatentTwinInferer(scheduler, ae, num_inference_steps=2).forecast(prior, net, conditions, 2)
+        floor = 0.05
+        out = LatentTwinInferer(scheduler, ae, num_inference_steps=2, change_threshold=floor).forecast(
+            prior, net, conditions, 2
+        )
+        change, kept_change = out["mean"] - prior, kept["mean"] - prior
+        small = kept_change.abs() <= floor
+        assert bool(small.any()) and bool((~small).any())
+        assert float(change[small].abs().max()) == 0.0  # below the floor: the prior itself
+        torch.testing.assert_close(change[~small], kept_change[~small])  # above it: unchanged
+        torch.testing.assert_close(out["std"], kept["std"])  # the spread is that of the raw samples
+        with pytest.raises(ValueError, match="change_threshold must be >= 0"):
+            LatentTwinInferer(scheduler, ae, change_threshold=-1.0)
