@@ -50,6 +50,23 @@ def _pair(a, b, mask) -> tuple[np.ndarray, np.ndarray]:
     return a[keep], b[keep]
 
 
+def _joint_histogram(x: np.ndarray, y: np.ndarray, bins: int) -> np.ndarray:
+    """``np.histogram2d(x, y, bins)[0]`` (equal bins between each array's min and max, the last bin
+    closed) for 1D arrays that are not constant, counted with one ``bincount``: the same counts in
+    about half the time of ``histogram2d``'s binary search over the edges."""
+    index = []
+    for v in (x, y):
+        lo, hi = v.min(), v.max()
+        edges = np.linspace(lo, hi, bins + 1)
+        i = ((v - lo) * (bins / (hi - lo))).astype(np.intp)
+        np.clip(i, 0, bins - 1, out=i)
+        # the division can round a value into a neighbouring bin: compare with the edges themselves
+        i -= v < edges[i]
+        i += (v >= edges[i + 1]) & (i != bins - 1)
+        index.append(i)
+    return np.bincount(index[0] * bins + index[1], minlength=bins * bins).reshape(bins, bins).astype(np.float64)
+
+
 def normalized_mutual_information(a, b, bins: int = 32, mask=None) -> float:
     """Studholme's normalised mutual information ``(H(a) + H(b)) / H(a, b)``.
 
@@ -68,7 +85,7 @@ def normalized_mutual_information(a, b, bins: int = 32, mask=None) -> float:
     x, y = _pair(a, b, mask)
     if np.ptp(x) == 0 or np.ptp(y) == 0:
         return 1.0
-    hist, _, _ = np.histogram2d(x, y, bins=int(bins))
+    hist = _joint_histogram(x, y, int(bins))
     p = hist / hist.sum()
     px, py = p.sum(1), p.sum(0)
 

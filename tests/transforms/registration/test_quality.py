@@ -39,6 +39,19 @@ def _unrelated(seed=3):
     return MetaTensor(torch.as_tensor(arr[None]), affine=phantom((48, 48), AFFINE).affine)
 
 
+class TestJointHistogram(unittest.TestCase):
+    def test_counts_match_numpy_histogram2d(self):
+        from monai_twin.metrics.registration import _joint_histogram
+
+        rng = np.random.default_rng(0)
+        for _ in range(40):
+            x = rng.random(2000) ** 3 * rng.uniform(0.1, 1e3)
+            y = np.round(rng.random(2000) * 7) / 7 - 0.3  # few distinct values, many on bin edges
+            x[:50] = np.linspace(x.min(), x.max(), 33)[rng.integers(0, 33, 50)]  # values exactly on edges
+            for bins in (7, 32):
+                np.testing.assert_array_equal(_joint_histogram(x, y, bins), np.histogram2d(x, y, bins=bins)[0])
+
+
 class TestPairQuality(unittest.TestCase):
     def test_gain_and_metrics_of_a_good_registration(self):
         fixed = _shifted((0, 0))
