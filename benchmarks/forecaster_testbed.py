@@ -225,6 +225,9 @@ def main() -> None:
     parser.add_argument(
         "--shared-ehr-head", action="store_true", help="let the future-EHR loss reach the image trunk (old default)"
     )
+    parser.add_argument(
+        "--flip-axis", type=int, default=None, help="augment training samples with a random flip of this spatial axis"
+    )
     parser.add_argument("--lr-schedule", default="cosine", help="'cosine' or 'none'")
     parser.add_argument("--flow-scale", type=float, default=4.0, help="voxels per unit of the displacement head")
     parser.add_argument("--norm", default="INSTANCE", help="normalisation of the twin's convolutions ('none' for none)")
@@ -238,7 +241,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import pandas as pd
-    from monai.data import DataLoader
+    from monai.data import DataLoader, Dataset
 
     from monai_twin.data import build_longitudinal_items, load_manifest, split_subjects
     from monai_twin.data.synthetic import Mammo2DConfig, MRIROI3DConfig, write_cohort
@@ -307,8 +310,18 @@ def main() -> None:
             isolate_ehr_head=not args.shared_ehr_head,
             flow_scale=args.flow_scale,
         )
+        flip = None
+        if args.flip_axis is not None:
+            from monai_twin.transforms.sequence import RandFlipSequenced
+
+            flip = RandFlipSequenced(("history", "target"), spatial_dims=dims, spatial_axis=args.flip_axis, prob=0.5)
+            flip.set_random_state(args.seed)
         loaders = [
-            DataLoader(_tensor_only(data[name]), batch_size=8, shuffle=name == "training")
+            DataLoader(
+                Dataset(_tensor_only(data[name]), transform=flip if name == "training" else None),
+                batch_size=8,
+                shuffle=name == "training",
+            )
             for name in ("training", "validation")
         ]
         t0 = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Visit-sequence transforms: load a history of scans as ``(T, C, *spatial)`` and pad per-visit keys."""
+"""Visit-sequence transforms: load a history of scans as ``(T, C, *spatial)`` pad per-visit keys, and flip
+them consistently for augmentation."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from .dictionary import (
     PadSequenceD,
     PadSequenced,
     PadSequenceDict,
+    RandFlipSequenceD,
+    RandFlipSequenced,
+    RandFlipSequenceDict,
 )
 
 __all__ = [
@@ -23,4 +27,7 @@ __all__ = [
     "PadSequenceD",
     "PadSequenceDict",
     "PadSequenced",
+    "RandFlipSequenceD",
+    "RandFlipSequenceDict",
+    "RandFlipSequenced",
 ]

@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import DtypeLike, KeysCollection
-from monai.transforms import MapTransform
-from monai.utils import convert_to_tensor
+from monai.data import MetaTensor
+from monai.transforms import Flip, MapTransform, RandomizableTransform
+from monai.utils import convert_to_dst_type, convert_to_tensor
 
 from .array import LoadSequence, PadSequence
 
@@ -21,6 +22,9 @@ __all__ = [
     "PadSequenceD",
     "PadSequenceDict",
     "PadSequenced",
+    "RandFlipSequenceD",
+    "RandFlipSequenceDict",
+    "RandFlipSequenced",
 ]
 
 #: Per-visit keys of a forecasting sample (visit axis first).
@@ -117,5 +121,67 @@ class PadSequenced(MapTransform):
         return d
 
 
+class RandFlipSequenced(RandomizableTransform, MapTransform):
+    """Flip a history stack and single images of one sample along the same spatial axes, at random.
+
+    MONAI's ``RandFlipd`` expects ``(C, *spatial)``; a history is ``(T, C, *spatial)``. This
+    transform flips the last ``spatial_dims`` axes of every key with one random draw per sample,
+    so the history, the target and any label stay aligned. Each image goes through MONAI's
+    :class:`~monai.transforms.Flip` (a history as ``(T * C, *spatial)``), so MetaTensor affines are
+    updated as MONAI does. Use it for training augmentation when a flip keeps the anatomy plausible
+    (e.g. left/right breasts: the lateral axis of a CC view).
+
+    Args:
+        keys: image keys, each ``(T, C, *spatial)`` or ``(C, *spatial)``.
+        spatial_dims: 2 or 3.
+        spatial_axis: spatial axes to flip (0-based, over the spatial dims only).
+        prob: probability of flipping a sample.
+
+    Example::
+
+        RandFlipSequenced(("history", "target"), spatial_dims=2, spatial_axis=1, prob=0.5)
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("history", "target"),
+        spatial_dims: int = 2,
+        spatial_axis: int | tuple[int, ...] = 0,
+        prob: float = 0.5,
+        allow_missing_keys: bool = True,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        axes = (spatial_axis,) if isinstance(spatial_axis, int) else tuple(spatial_axis)
+        if not axes or any(a < 0 or a >= spatial_dims for a in axes):
+            raise ValueError(f"spatial_axis must be in [0, {spatial_dims - 1}], got {spatial_axis}.")
+        self.spatial_dims = spatial_dims
+        self.flip = Flip(spatial_axis=axes)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            image = d[key]
+            shape = tuple(np.shape(image))
+            if len(shape) not in (self.spatial_dims + 1, self.spatial_dims + 2):
+                raise ValueError(
+                    f"RandFlipSequenced: key {key!r} has shape {list(shape)}; expected (C, *spatial) or (T, C, *spatial) "
+                    f"with {self.spatial_dims} spatial dims."
+                )
+            lead = shape[: len(shape) - self.spatial_dims]
+            flat = image.reshape((-1,) + shape[len(lead) :])
+            out = self.flip(flat).reshape(shape)
+            # keep the input's type (plain tensors stay plain, so a batch mixing flipped and unflipped
+            # samples still collates)
+            d[key] = out if isinstance(image, MetaTensor) else convert_to_dst_type(out, image)[0]
+        return d
+
+
 LoadSequenceD = LoadSequenceDict = LoadSequenced
 PadSequenceD = PadSequenceDict = PadSequenced
+RandFlipSequenceD = RandFlipSequenceDict = RandFlipSequenced

@@ -6,7 +6,7 @@ import torch
 from parameterized import parameterized
 
 from monai_twin.data import build_longitudinal_items, load_manifest
-from monai_twin.transforms.sequence import LoadSequence, LoadSequenced, PadSequence, PadSequenced
+from monai_twin.transforms.sequence import LoadSequence, LoadSequenced, PadSequence, PadSequenced, RandFlipSequenced
 from tests.conftest import write_nifti
 
 
@@ -87,3 +87,37 @@ class TestPadSequenced:
             PadSequenced(4)({"times": np.zeros(2), "ehr_intervals": np.zeros((3, 5))})
         with pytest.raises(KeyError, match="none of the keys"):
             PadSequenced(4)({"other": 1})
+
+
+class TestRandFlipSequenced:
+    def test_history_and_target_flip_together(self, three_visits):
+        """A loaded history (MetaTensor) and a plain target flip along the same axis in the same draw; the
+        history's affine is updated as MONAI's Flip does and the plain target stays a plain tensor."""
+        torch.manual_seed(0)
+        history = LoadSequence()(three_visits) + torch.rand(3, 1, 6, 5, 4)  # keeps the loaded meta
+        target = torch.rand(1, 6, 5, 4)
+        flip = RandFlipSequenced(("history", "target"), spatial_dims=3, spatial_axis=1, prob=0.5)
+        flip.set_random_state(0)
+        outcomes = set()
+        for _ in range(8):
+            out = flip({"history": history, "target": target, "times": torch.ones(3)})
+            flipped = not torch.equal(torch.as_tensor(out["target"]), target)
+            outcomes.add(flipped)
+            expected_target = torch.flip(target, dims=(2,)) if flipped else target
+            torch.testing.assert_close(out["target"], expected_target)
+            torch.testing.assert_close(
+                out["history"].as_tensor(),
+                torch.flip(history.as_tensor(), dims=(3,)) if flipped else history.as_tensor(),
+            )
+            assert type(out["target"]) is torch.Tensor
+            assert torch.equal(out["times"], torch.ones(3))
+            if flipped:
+                assert not torch.allclose(out["history"].affine, history.affine)
+        assert outcomes == {True, False}
+
+    def test_bad_input(self):
+        with pytest.raises(ValueError, match="spatial_axis must be in"):
+            RandFlipSequenced(spatial_dims=2, spatial_axis=2)
+        flip = RandFlipSequenced(("target",), spatial_dims=3, prob=1.0)
+        with pytest.raises(ValueError, match="key 'target' has shape"):
+            flip({"target": torch.zeros(4, 4)})
