@@ -11,7 +11,10 @@ Simulates a cohort, maps every scan back to its subject's frame with the true ac
   lesion can reach, times a factor fitted on training pairs);
 * the null-EHR check: no events, gap 0 -> SSIM of the forecast vs the prior (target >= 0.9);
 * what-if: predicted vs true (``resimulate``) change of lesion area at the target visit when the
-  drug is stopped / started after the last prior scan, Pearson r (target >= 0.8);
+  drug is stopped / started after the last prior scan, Pearson r (target >= 0.8); the same
+  continuous reader is also applied to the simulator's own recorded / counterfactual images (its
+  ceiling) and, on consecutive test scans, to the true images and their autoencoder
+  reconstructions (does the latent keep the change at all?);
 * uncertainty: Spearman between each test item's mean per-pixel std and its mean absolute error
   (target >= 0.5);
 * speed: seconds per sample for DDIM 10 / 25 / 50 steps, and a pixel-space twin of equal width at
@@ -20,7 +23,12 @@ Simulates a cohort, maps every scan back to its subject's frame with the true ac
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/diffusion_twin.py --subjects 100 --size 64 --ae-epochs 30 --epochs 150
+    OMP_NUM_THREADS=1 python benchmarks/diffusion_twin.py --subjects 80 --ae-epochs 15 --epochs 200 \
+        --whatif-guidance 1 3 --autoencoder ae_mammo2d.pt
+
+Defaults: the interval EHR path, clean-sample prediction and a 0.02 floor on the decoded change;
+``--ehr-path crossattn --prediction epsilon --change-threshold 0`` is the earlier twin. The 3D
+section (``--mri-subjects``) uses the same switches.
 """
 
 from __future__ import annotations
@@ -291,7 +299,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=1.0)
     parser.add_argument(
         "--prediction",
-        default="epsilon",
+        default="sample",
         choices=["epsilon", "sample", "v_prediction"],
         help="DDIM prediction type (what the denoiser is trained to output)",
     )
