@@ -45,7 +45,7 @@ __all__ = [
 
 
 # default demons iterations per level, by shrink factor (see Register's ``demons_iterations``)
-DEMONS_ITERATIONS_BY_SHRINK = {1: 10, 2: 40}
+DEMONS_ITERATIONS_BY_SHRINK = {1: 20, 2: 40}
 
 
 class RegistrationError(RuntimeError):
@@ -242,11 +242,17 @@ class Register(InvertibleTransform):
         init: centre initialisation of the first linear stage: ``"moments"`` (centres of mass),
             ``"geometry"`` (image centres) or ``"none"``.
         demons_iterations: iterations per level of a demons stage (an int for every level).
-            Default: 60 at shrink factors >= 4, 40 at 2, 10 at full resolution -- the coarse levels
+            Default: 60 at shrink factors >= 4, 40 at 2, 20 at full resolution -- the coarse levels
             recover the smooth field cheaply, a full-resolution demons iteration costs 16x a
-            shrink-4 one (on the 2D testbed: 0.25 s instead of 0.55 s, end-point error 0.55 vs
-            0.48 px).
-        demons_sigma: Gaussian smoothing of the demons displacement field, voxels.
+            shrink-4 one (on the 2D testbed 60 at every level took 0.55 s, 60/40/10 0.25 s, end-point
+            error 0.48 vs 0.55 px; 20 instead of 10 full-resolution iterations with ``demons_sigma``
+            2.0 raised the training cohort's median SSIM by 0.003 and lowered its end-point error
+            by 0.02 px for 11 % more chain time).
+        demons_sigma: Gaussian smoothing of the demons displacement field, voxels of each level.
+            Default 2.0: on 16 training-cohort pairs of the 2D testbed (seed 1), with 10
+            full-resolution iterations, it raised the fast-symmetric chain's lowest SSIM over tissue
+            from 0.899 to 0.913 (median 0.919 to 0.924) at the same time, end-point error median
+            0.49 -> 0.53 px; 3.0 leaves the field smoother than the compression warps are.
         bspline_spacing: control-point spacing of the B-spline grid, in fixed-image voxels.
         bspline_iterations: L-BFGS-B iterations per level of a B-spline stage.
         match_histograms: match the moving histogram to the fixed one before demons (demons
@@ -293,7 +299,7 @@ class Register(InvertibleTransform):
         bins: int = 32,
         init: str = "moments",
         demons_iterations: int | Sequence[int] | None = None,
-        demons_sigma: float = 3.0,
+        demons_sigma: float = 2.0,
         bspline_spacing: float = 24.0,
         bspline_iterations: int = 30,
         match_histograms: bool = True,
