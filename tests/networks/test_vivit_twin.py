@@ -161,6 +161,15 @@ class TestViViTTwin:
         assert len(trainable) > 30 and missing == []
         assert not net.patch_embedding.position_embeddings.requires_grad  # sincos positions are fixed
 
+    @parameterized.expand([(True,), (False,)])
+    def test_isolated_ehr_head_leaves_the_trunk_alone(self, isolate):
+        net = _perturb(_net(2, "tokens", isolate_ehr_head=isolate))
+        _, future = net.forecast(*_inputs(2))
+        future.square().sum().backward()
+        trunk = [p.grad for p in net.patch_embedding.parameters() if p.requires_grad]
+        reached = any(g is not None and bool(g.abs().sum() > 0) for g in trunk)
+        assert reached != isolate
+
     @parameterized.expand([(2,), (3,)])
     def test_torchscript_round_trip(self, dims):
         net = _perturb(_net(dims), 0.01).eval()

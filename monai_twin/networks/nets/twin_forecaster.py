@@ -95,10 +95,11 @@ class TwinForecaster(nn.Module):
         flow_scale: with ``change="deformation"``, voxels per unit of the displacement head's
             output. Adam moves each weight by about the learning rate per step whatever the
             gradient's size, so this sets how fast displacements can grow during training.
-        isolate_ehr_head: the future-EHR head reads detached features, so its loss trains the head
-            only and never steers the image encoder, EHR encoder or ConvLSTM (the default). With a
-            shared trunk the EHR term, whose normalised MSE is ~10^3 times the image MSE, took over
-            the trunk's gradients and cost 0.6 dB on changed testbed visits (forecasting guide).
+        isolate_ehr_head: the future-EHR head reads detached features, so its loss never steers the
+            image encoder, the ConvLSTM or (unless ``conditioning="none"``, where the image path
+            does not use it) the EHR encoder: the default. With a shared trunk the EHR term, whose
+            normalised MSE is ~10^3 times the image MSE, took over the trunk's gradients and cost
+            0.6 dB on changed testbed visits (forecasting guide).
         act, norm: MONAI layer factory names for the encoder/decoder blocks.
         future_ehr_base: for each future value, the index of an ``ehr_intervals`` feature holding
             its last known value (the ``<code>:last`` feature with ``carry_forward=True``); the
@@ -278,10 +279,12 @@ class TwinForecaster(nn.Module):
         if self.ehr_head is not None:
             pooled = h.flatten(2).mean(dim=2)
             gap_to_target = torch.log1p(times[rows, last].clamp(min=0.0) / self.time_scale).unsqueeze(1)
-            features = torch.cat([pooled, cond[rows, last], gap_to_target], dim=1)
+            ehr_cond = cond[rows, last]
             if self.isolate_ehr_head:
-                features = features.detach()
-            future = self.ehr_head(features)
+                pooled = pooled.detach()
+                if self.conditioning != "none":  # the EHR encoder also feeds the image path
+                    ehr_cond = ehr_cond.detach()
+            future = self.ehr_head(torch.cat([pooled, ehr_cond, gap_to_target], dim=1))
             if self.has_ehr_base and ehr_intervals is not None:
                 future = future + ehr_intervals[rows, last][:, self.future_ehr_base]
         else:

@@ -79,6 +79,8 @@ class ViViTTwin(nn.Module):
         future_ehr_base: for each future value, the index of an ``ehr_intervals`` feature holding
             its last known value; the EHR head then predicts the change from it (untrained: LOCF),
             as in :class:`TwinForecaster`.
+        isolate_ehr_head: the EHR head reads detached features, so the future-EHR loss never
+            steers the image path (as in :class:`TwinForecaster`, the default).
 
     Inputs of ``forward`` / ``forecast`` are those of :class:`TwinForecaster`: history
     ``(B, T, C, *spatial)``, times ``(B, T)`` days from each visit to the target, history_mask
@@ -121,6 +123,7 @@ class ViViTTwin(nn.Module):
         act: str | tuple = "PRELU",
         norm: str | tuple = "INSTANCE",
         future_ehr_base: Sequence[int] | None = None,
+        isolate_ehr_head: bool = True,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -158,6 +161,7 @@ class ViViTTwin(nn.Module):
         self.max_history = max_history
         self.time_scale = float(time_scale)
         self.residual = residual
+        self.isolate_ehr_head = isolate_ehr_head
         self.future_ehr_dim = future_ehr_dim
         self.hidden_size = hidden_size
         self.ehr_tokens = conditioning == "tokens"
@@ -284,7 +288,12 @@ class ViViTTwin(nn.Module):
 
         if self.ehr_head is not None:
             gap_feature = torch.log1p(gap.clamp(min=0.0) / self.time_scale).unsqueeze(1)
-            future = self.ehr_head(torch.cat([out_tokens[:, 0], cond[rows, last], gap_feature], dim=1))
+            pooled, ehr_cond = out_tokens[:, 0], cond[rows, last]
+            if self.isolate_ehr_head:
+                pooled = pooled.detach()
+                if self.conditioning != "none":  # the EHR encoder also feeds the image path
+                    ehr_cond = ehr_cond.detach()
+            future = self.ehr_head(torch.cat([pooled, ehr_cond, gap_feature], dim=1))
             if self.has_ehr_base and ehr_intervals is not None:
                 future = future + ehr_intervals[rows, last][:, self.future_ehr_base]
         else:
