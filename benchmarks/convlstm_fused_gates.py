@@ -8,7 +8,10 @@ and the medians are compared.
 
 Usage::
 
-    python benchmarks/convlstm_fused_gates.py --repeats 7
+    python benchmarks/convlstm_fused_gates.py --repeats 7 --profile
+
+``--profile`` prints the share of the fused cell's time spent in convolutions: the gates'
+arithmetic is the same in every variant, so that share bounds what fusing can save.
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 = one core, less noise)")
+    parser.add_argument(
+        "--profile", action="store_true", help="also print where the fused cell's time goes (torch.profiler)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -82,6 +88,21 @@ def main() -> None:
                 f"    vs {k:28s} {r_med * 1e3:7.1f} ms  speed-up {r_med / f_med:4.2f}x (target >= 1.5x)  "
                 f"max |diff| {errors[k]:.1e} (target <= 1e-5)"
             )
+        if args.profile:
+            _profile(fused, x, hidden, args.repeats)
+
+
+def _profile(cell, x, hidden, repeats) -> None:
+    """Share of the fused cell's forward + backward time spent in convolutions (the floor of any fusion)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        for _ in range(repeats):
+            timed(cell, x, hidden)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    conv = sum(e.self_cpu_time_total for e in events if "convolution" in e.key)
+    print(f"    fused cell: convolution forward + backward = {100 * conv / total:.0f} % of the time")
 
 
 if __name__ == "__main__":
