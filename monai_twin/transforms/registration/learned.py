@@ -218,6 +218,8 @@ def train_voxelmorph(
     similarity: float = 1.0,
     seed: int = 0,
     identity_fraction: float = 0.0,
+    flip_axes: Sequence[int] = (),
+    initial_state: dict[str, torch.Tensor] | None = None,
     out: str | os.PathLike | None = None,
     log_every: int = 50,
     callback: Any = None,
@@ -252,6 +254,9 @@ def train_voxelmorph(
         identity_fraction: adds ``round(identity_fraction * len(pairs))`` pairs of a fixed image
             against itself with a zero true field (an unchanged follow-up), so the model does not
             learn a bias towards the typical residual of the changed pairs.
+        flip_axes: spatial axes along which each batch is mirrored with probability 1/2 (images and
+            true field, whose component along the axis changes sign); ``"average"`` pooling only.
+        initial_state: a ``state_dict`` of the same architecture to start from (fine-tuning).
         out: where to save the weights: a bare ``state_dict`` (``.pt``) and its architecture and
             training record next to it (same name, ``.json``), both written atomically.
         log_every: print the loss every so many steps (0 = silent).
@@ -271,6 +276,11 @@ def train_voxelmorph(
         raise ValueError("supervised > 0 needs a true field in every pair.")
     if identity_fraction < 0:
         raise ValueError(f"identity_fraction must be >= 0, got {identity_fraction}.")
+    flip_axes = tuple(int(a) for a in flip_axes)
+    if any(not 0 <= a < spatial_dims for a in flip_axes):
+        raise ValueError(f"flip_axes must be spatial axes in [0, {spatial_dims}), got {flip_axes}.")
+    if flip_axes and pooling != "average":
+        raise ValueError("flip_axes needs pooling='average' (unshuffled channels would need reordering).")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     n_changed = len(pairs)
@@ -281,6 +291,8 @@ def train_voxelmorph(
         zero = None if pairs[0][2] is None else np.zeros_like(pairs[0][2])
         pairs = [*pairs, *[(pairs[i][1], pairs[i][1], zero) for i in picks]]
     model = build_voxelmorph(spatial_dims, nb_features, integration_steps, scale, pooling)
+    if initial_state is not None:
+        model.load_state_dict(initial_state)
     model.train()
     # the network only ever sees the coarse grid, so training runs there: images and true fields are
     # padded and pooled once (fields in coarse voxels), and the losses cost scale**ndim times less
@@ -302,14 +314,24 @@ def train_voxelmorph(
     start = time.perf_counter()
     for step in range(int(steps)):
         idx = torch.as_tensor(rng.choice(len(pairs), size=min(batch_size, len(pairs)), replace=False))
-        disp = net(source[idx], target[idx])
-        warped = _warp(moving[idx], disp)
-        loss = similarity * torch.mean((warped - fixed[idx]) ** 2) + smoothness * displacement_smoothness(disp)
-        if fields is not None:
+        b_src, b_tgt, b_mov, b_fix = source[idx], target[idx], moving[idx], fixed[idx]
+        b_field = None if fields is None else fields[idx]
+        for axis in flip_axes:
+            if rng.random() < 0.5:
+                dims = [2 + axis]
+                b_src, b_tgt, b_mov, b_fix = (t.flip(dims) for t in (b_src, b_tgt, b_mov, b_fix))
+                if b_field is not None:
+                    sign = torch.ones(spatial_dims, dtype=b_field.dtype)
+                    sign[axis] = -1.0
+                    b_field = b_field.flip(dims) * sign.reshape(1, -1, *([1] * spatial_dims))
+        disp = net(b_src, b_tgt)
+        warped = _warp(b_mov, disp)
+        loss = similarity * torch.mean((warped - b_fix) ** 2) + smoothness * displacement_smoothness(disp)
+        if b_field is not None:
             # the true field is only recoverable where the image has content: in the air around a
             # breast it is arbitrary and would dominate the loss
-            content = (fixed[idx] > 0.05).to(disp.dtype)
-            error = ((disp - fields[idx]) ** 2).sum(1, keepdim=True)
+            content = (b_fix > 0.05).to(disp.dtype)
+            error = ((disp - b_field) ** 2).sum(1, keepdim=True)
             loss = loss + supervised * (error * content).sum() / content.sum().clamp(min=1.0)
         optimiser.zero_grad()
         loss.backward()
@@ -343,6 +365,8 @@ def train_voxelmorph(
             "smoothness": float(smoothness),
             "supervised": float(supervised),
             "seed": int(seed),
+            "flip_axes": list(flip_axes),
+            "fine_tuned": initial_state is not None,
             "seconds": round(seconds, 1),
             "final_loss_mean_last_50": float(np.mean(losses[-50:])),
         },
@@ -574,6 +598,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="add this share (of the changed pairs) of fixed-vs-itself pairs with a zero field",
     )
     parser.add_argument("--cache", default=None, help=".npz of prepared pairs: written on the first run, then read")
+    parser.add_argument("--flip-axes", type=int, nargs="*", default=[], help="mirror batches along these axes")
+    parser.add_argument("--init", default=None, help="weights of the same architecture to start from")
     parser.add_argument("--val-subjects", type=int, default=0, help="validation subjects (visit 1 -> visit 0)")
     parser.add_argument("--val-seed", type=int, default=2, help="testbed seed of the validation subjects")
     parser.add_argument("--val-every", type=int, default=1000, help="validate every so many steps")
@@ -630,6 +656,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         similarity=args.similarity,
         seed=args.seed,
         identity_fraction=args.identity_fraction,
+        flip_axes=args.flip_axes,
+        initial_state=None if args.init is None else torch.load(args.init, map_location="cpu", weights_only=True),
         out=args.out,
         callback=callback,
         config_extra={"kind": args.kind, "cohort_seed": args.cohort_seed, "command": command},

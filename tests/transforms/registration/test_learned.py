@@ -179,6 +179,33 @@ class TestVoxelMorph(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "identity_fraction"):
             train_voxelmorph(_pairs(2), 2, steps=1, identity_fraction=-1.0)
 
+    def test_flips_and_fine_tuning(self):
+        pairs = _pairs(4)
+        first = train_voxelmorph(pairs, 2, steps=2, batch_size=2, supervised=1.0, nb_features=(4, 4), log_every=0)
+        state = first["model"].state_dict()
+        # a zero learning rate keeps the initial weights: the fine-tuned model starts from them
+        again = train_voxelmorph(
+            pairs,
+            2,
+            steps=3,
+            batch_size=2,
+            learning_rate=0.0,
+            supervised=1.0,
+            nb_features=(4, 4),
+            flip_axes=(1,),
+            initial_state=state,
+            log_every=0,
+        )
+        for key, value in again["model"].state_dict().items():
+            torch.testing.assert_close(value, state[key])
+        self.assertEqual(again["config"]["training"]["flip_axes"], [1])
+        self.assertTrue(again["config"]["training"]["fine_tuned"])
+        self.assertTrue(np.isfinite(again["losses"]).all())
+        with self.assertRaisesRegex(ValueError, "flip_axes"):
+            train_voxelmorph(pairs, 2, steps=1, flip_axes=(2,))
+        with self.assertRaisesRegex(ValueError, "pooling='average'"):
+            train_voxelmorph(pairs, 2, steps=1, scale=2, pooling="unshuffle", flip_axes=(0,))
+
 
 BUNDLES = Path(__file__).resolve().parents[3] / "bundles"
 
