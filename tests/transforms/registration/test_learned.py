@@ -226,7 +226,7 @@ class TestShippedWeights(unittest.TestCase):
         from monai_twin.data.synthetic.cohort import resimulate, simulate_subject
 
         model = load_voxelmorph(path)
-        # a testbed scan against itself: nothing to recover (the 2D model still predicts 0.3-0.5 px on
+        # a testbed scan against itself: nothing to recover (the 2D model still predicts ~0.3 px on
         # tissue, a bias towards the compression residuals it was trained on, down from ~0.6 px
         # before identity pairs were added to its training)
         image = torch.as_tensor(resimulate(simulate_subject(kind, 0, seed=3)).images[0], dtype=torch.float32)
