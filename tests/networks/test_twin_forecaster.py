@@ -31,6 +31,22 @@ def _inputs(dims, b=2, t=3):
     return history, times, mask, torch.randn(b, t, 3), torch.ones(b, t, 3), torch.randn(b, 2)
 
 
+def _train_toy(net, batch, steps, lr=3e-3):
+    """Fit ``net`` with Adam on fresh ``batch()`` draws; its MSE and copy-last's on a fixed batch of 64."""
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    h, t, iv, target = batch(64)
+    copy_last = float(((h[:, -1] - target) ** 2).mean())
+    for _ in range(steps):
+        hb, tb, ivb, yb = batch()
+        loss = ((net(hb, tb, ehr_intervals=ivb) - yb) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        trained = float(((net(h, t, ehr_intervals=iv) - target) ** 2).mean())
+    return trained, copy_last
+
+
 class TestTwinForecaster:
     @parameterized.expand(CASES)
     def test_untrained_forecast_is_copy_last(self, dims, cond, change="additive"):
@@ -85,17 +101,7 @@ class TestTwinForecaster:
             intervals = torch.stack([torch.zeros(n), dose], dim=1).unsqueeze(-1)
             return history, torch.tensor([[200.0, 100.0]]).repeat(n, 1), intervals, target
 
-        opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-        h, t, iv, target = batch(64)
-        copy_last = float(((h[:, -1] - target) ** 2).mean())
-        for _ in range(60):
-            hb, tb, ivb, yb = batch()
-            loss = ((net(hb, tb, ehr_intervals=ivb) - yb) ** 2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            trained = float(((net(h, t, ehr_intervals=iv) - target) ** 2).mean())
+        trained, copy_last = _train_toy(net, batch, steps=60)
         assert trained < 0.25 * copy_last
 
     @parameterized.expand([(True,), (False,)])
@@ -151,17 +157,7 @@ class TestTwinForecaster:
             intervals = torch.stack([torch.zeros(n), dose], dim=1).unsqueeze(-1)
             return history, torch.tensor([[200.0, 100.0]]).repeat(n, 1), intervals, target
 
-        opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-        h, t, iv, target = batch(64)
-        copy_last = float(((h[:, -1] - target) ** 2).mean())
-        for _ in range(120):
-            hb, tb, ivb, yb = batch()
-            loss = ((net(hb, tb, ehr_intervals=ivb) - yb) ** 2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            trained = float(((net(h, t, ehr_intervals=iv) - target) ** 2).mean())
+        trained, copy_last = _train_toy(net, batch, steps=120)
         assert trained < 0.25 * copy_last
 
     @parameterized.expand(
