@@ -110,3 +110,37 @@ def mimic_dir() -> Path:
     if not (MIMIC_DIR / "hosp" / "labevents.csv.gz").is_file():
         pytest.skip(f"MIMIC-IV demo tables not found at {MIMIC_DIR} (set MONAI_TWIN_MIMIC_DIR to their folder)")
     return MIMIC_DIR
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny networks and training tests run on one thread: on a shared, loaded CPU a second thread
+    gains nothing and can cost several-fold."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_mammo_cohort(folder, n_subjects: int, seed: int):
+    """A 32² mammography cohort with aligned copies of its scans: ``(folder, items, vocabulary)``
+    with one-visit histories and an EHR vocabulary fitted on every subject."""
+    from monai_twin.data import build_longitudinal_items, load_manifest
+    from monai_twin.data.synthetic import Mammo2DConfig, write_cohort
+    from monai_twin.transforms.ehr import EHRVocabulary
+
+    folder = write_cohort("mammo2d", folder, n_subjects, seed, Mammo2DConfig(size=32), save_aligned=True)
+    manifest = load_manifest(folder, check_images="exists")
+    vocabulary = EHRVocabulary.fit(manifest.events, manifest.static)
+    return folder, build_longitudinal_items(manifest, max_history=1), vocabulary
+
+
+def aligned_scan(path):
+    """The aligned copy (``aligned/``) of a cohort scan (``images/``) as a ``(1, *spatial)`` tensor."""
+    import nibabel as nib
+    import torch
+
+    aligned = str(path).replace("/images/", "/aligned/")
+    return torch.from_numpy(np.asarray(nib.load(aligned).get_fdata(dtype=np.float32)))[None]

@@ -13,15 +13,9 @@ from monai_twin.engines import (
     twin_conditions,
 )
 from monai_twin.inferers import DIFFUSION_CONDITION_KEYS, LatentTwinInferer, make_scheduler
+from tests.conftest import aligned_scan, small_mammo_cohort
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These networks are tiny: a second thread gains nothing and, on a loaded machine, costs several-fold."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(b: int = 4) -> dict[str, torch.Tensor]:
@@ -91,23 +85,7 @@ class TestNullPair:
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    from monai_twin.data import build_longitudinal_items, load_manifest
-    from monai_twin.data.synthetic import Mammo2DConfig, write_cohort
-    from monai_twin.transforms.ehr import EHRVocabulary
-
-    folder = write_cohort(
-        "mammo2d", tmp_path_factory.mktemp("dt") / "c", 6, 0, Mammo2DConfig(size=32), save_aligned=True
-    )
-    manifest = load_manifest(folder, check_images="exists")
-    vocabulary = EHRVocabulary.fit(manifest.events, manifest.static)
-    return folder, build_longitudinal_items(manifest, max_history=1), vocabulary
-
-
-def _aligned(folder, path: str) -> torch.Tensor:
-    import nibabel as nib
-
-    aligned = str(path).replace("/images/", "/aligned/")
-    return torch.from_numpy(np.asarray(nib.load(aligned).get_fdata(dtype=np.float32)))[None]
+    return small_mammo_cohort(tmp_path_factory.mktemp("dt") / "c", 6, 0)
 
 
 class TestTraining:
@@ -126,7 +104,7 @@ class TestTraining:
         from monai_twin.networks.diffusion import LatentDiffusionTwin, autoencoder_config
 
         folder, items, vocabulary = cohort
-        images = torch.stack([_aligned(folder, it["target"]) for it in items])
+        images = torch.stack([aligned_scan(it["target"]) for it in items])
         config = autoencoder_config("mammo2d", channels=(8, 16))
         ae = config.build()
         ae_losses = train_autoencoder(ae, images, config, epochs=3, batch_size=18, lr=5e-3)
@@ -136,7 +114,7 @@ class TestTraining:
         for it in items:
             c = twin_conditions(it, vocabulary, max_tokens=16)
             samples.append(
-                c | {"prior_image": _aligned(folder, it["history"][-1]), "target_image": _aligned(folder, it["target"])}
+                c | {"prior_image": aligned_scan(it["history"][-1]), "target_image": aligned_scan(it["target"])}
             )
         samples += [null_ehr_sample(s, np.random.default_rng(i)) for i, s in enumerate(samples[:6])]
         priors = encode_latents(ae, torch.stack([s["prior_image"] for s in samples]))

@@ -16,37 +16,16 @@ from monai_twin.engines import (
 )
 from monai_twin.inferers import DIFFUSION_CONDITION_KEYS, DIFFUSION_OPTIONAL_KEYS, LatentTwinInferer, make_scheduler
 from monai_twin.networks.diffusion import LatentDiffusionTwin
+from tests.conftest import aligned_scan, small_mammo_cohort
 
 KEYS = DIFFUSION_CONDITION_KEYS + DIFFUSION_OPTIONAL_KEYS
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    from monai_twin.data import build_longitudinal_items, load_manifest
-    from monai_twin.data.synthetic import Mammo2DConfig, write_cohort
-    from monai_twin.transforms.ehr import EHRVocabulary
-
-    folder = write_cohort(
-        "mammo2d", tmp_path_factory.mktemp("di") / "c", 8, 1, Mammo2DConfig(size=32), save_aligned=True
-    )
-    manifest = load_manifest(folder, check_images="exists")
-    vocabulary = EHRVocabulary.fit(manifest.events, manifest.static)
-    return folder, build_longitudinal_items(manifest, max_history=1), vocabulary
-
-
-def _aligned(path: str) -> torch.Tensor:
-    import nibabel as nib
-
-    aligned = str(path).replace("/images/", "/aligned/")
-    return torch.from_numpy(np.asarray(nib.load(aligned).get_fdata(dtype=np.float32)))[None]
+    return small_mammo_cohort(tmp_path_factory.mktemp("di") / "c", 8, 1)
 
 
 def _dose_after_last_scan(item) -> float:
@@ -90,7 +69,7 @@ class TestIntervalConditions:
     def test_null_pair_has_no_interval_events(self, cohort):
         folder, items, vocabulary = cohort
         item = next(it for it in items if _dose_after_last_scan(it) > 0)
-        sample = twin_conditions(item, vocabulary, 16) | {"prior_image": _aligned(item["history"][-1])}
+        sample = twin_conditions(item, vocabulary, 16) | {"prior_image": aligned_scan(item["history"][-1])}
         out = null_ehr_sample(sample, np.random.default_rng(0))
         assert float(out["ehr_interval"].abs().sum()) == 0.0 and float(out["ehr_interval_mask"].sum()) == 0.0
         assert float(sample["ehr_interval"].abs().sum()) > 0.0  # the input is not modified
@@ -186,7 +165,7 @@ class TestTrainingWithIntervals:
         folder, items, vocabulary = cohort
         samples = [
             twin_conditions(it, vocabulary, 16)
-            | {"prior_image": _aligned(it["history"][-1]), "target_image": _aligned(it["target"])}
+            | {"prior_image": aligned_scan(it["history"][-1]), "target_image": aligned_scan(it["target"])}
             for it in items
         ]
         samples += [null_ehr_sample(s, np.random.default_rng(i)) for i, s in enumerate(samples[:6])]
@@ -236,7 +215,9 @@ class TestChangePreservingAutoencoder:
         from monai_twin.networks.diffusion import PairedAutoencoder, autoencoder_config
 
         folder, items, _ = cohort
-        pairs = torch.stack([torch.stack([_aligned(it["history"][-1]), _aligned(it["target"])]) for it in items])
+        pairs = torch.stack(
+            [torch.stack([aligned_scan(it["history"][-1]), aligned_scan(it["target"])]) for it in items]
+        )
         config = autoencoder_config("mammo2d", channels=(8, 16), change_weight=1.0)
         ae = config.build()
         losses = train_autoencoder(ae, pairs, config, epochs=3, batch_size=16, lr=5e-3)
@@ -252,7 +233,7 @@ class TestChangeThreshold:
 
         folder, items, vocabulary = cohort
         item = items[0]
-        prior = _aligned(item["history"][-1])[None]
+        prior = aligned_scan(item["history"][-1])[None]
         conditions = {k: v[None] for k, v in twin_conditions(item, vocabulary, 16).items()}
         config = autoencoder_config("mammo2d", channels=(8, 16))
         torch.manual_seed(0)

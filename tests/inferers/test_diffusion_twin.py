@@ -7,14 +7,7 @@ from parameterized import parameterized
 from monai_twin.inferers import LatentTwinInferer, TwinDiffusionInferer, make_scheduler, save_forecast_png
 from monai_twin.networks.diffusion import LatentDiffusionTwin, autoencoder_config
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These networks are tiny: a second thread gains nothing and, on a loaded machine, costs several-fold."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 N_CODES, STATIC = 6, 3

@@ -12,14 +12,7 @@ from monai_twin.networks.diffusion import (
     kl_divergence,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These networks are tiny: a second thread gains nothing and, on a loaded machine, costs several-fold."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 N_CODES, STATIC = 6, 3

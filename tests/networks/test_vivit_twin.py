@@ -85,15 +85,6 @@ def stack(samples):
     return {k: torch.stack([s[k] for s in samples]) for k in (*KEYS, "target")}
 
 
-@pytest.fixture
-def one_thread():
-    """Training tests run on one thread: on a shared, loaded CPU two threads are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def mammo_cohort(tmp_path_factory):
     from monai_twin.data.synthetic import Mammo2DConfig, write_cohort
