@@ -110,6 +110,32 @@ def _box_count(image: np.ndarray, prior: np.ndarray, box) -> float:
     return float((d > LESION_STEP).sum() - (d < -LESION_STEP).sum())
 
 
+def _load_or_train_autoencoder(autoencoder, path, train) -> tuple[list[float], float]:
+    """Load ``autoencoder``'s weights from ``path`` if that file exists, else run ``train()`` (which
+    returns the epoch losses) and save the weights there when ``path`` is given.
+
+    Returns:
+        the training losses (``[nan]`` when loaded) and the seconds it took.
+    """
+    t0 = time.perf_counter()
+    if path and Path(path).is_file():
+        autoencoder.load_state_dict(torch.load(path, weights_only=True))
+        autoencoder.eval()
+        print(f"autoencoder loaded from {path}")
+        return [float("nan")], time.perf_counter() - t0
+    losses = train()
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(autoencoder.state_dict(), path)
+    return losses, time.perf_counter() - t0
+
+
+def _pearson(x, y) -> float:
+    from scipy.stats import pearsonr
+
+    return float(pearsonr(x, y).statistic) if len(x) > 2 and np.std(x) > 0 and np.std(y) > 0 else float("nan")
+
+
 def _stack(samples, keys):
     return {k: torch.stack([s[k] for s in samples]) for k in keys}
 
@@ -220,17 +246,11 @@ def mri_section(args) -> None:
     )
     autoencoder = config.build()
     train_images = torch.stack([torch.from_numpy(images[k][None]) for k in images if k[0] in set(split["training"])])
-    t0 = time.perf_counter()
-    if args.mri_autoencoder and Path(args.mri_autoencoder).is_file():
-        autoencoder.load_state_dict(torch.load(args.mri_autoencoder, weights_only=True))
-        autoencoder.eval()
-        print(f"3D autoencoder loaded from {args.mri_autoencoder}")
-    else:
-        train_autoencoder(autoencoder, train_images, config, epochs=args.mri_ae_epochs, batch_size=8, lr=2e-3)
-        if args.mri_autoencoder:
-            Path(args.mri_autoencoder).parent.mkdir(parents=True, exist_ok=True)
-            torch.save(autoencoder.state_dict(), args.mri_autoencoder)
-    ae_time = time.perf_counter() - t0
+    _, ae_time = _load_or_train_autoencoder(
+        autoencoder,
+        args.mri_autoencoder,
+        lambda: train_autoencoder(autoencoder, train_images, config, epochs=args.mri_ae_epochs, batch_size=8, lr=2e-3),
+    )
     train = [s for s, _ in data["training"]]
     pairs = train + [null_ehr_sample(train[i], rng) for i in rng.choice(len(train), len(train) // 3, replace=False)]
     priors = encode_latents(autoencoder, torch.stack([s["prior_image"] for s in pairs]))
@@ -336,7 +356,27 @@ def main() -> None:
     parser.add_argument("--convlstm-epochs", type=int, default=0, help="> 0 also trains the ConvLSTM twin")
     parser.add_argument("--figures", default=None, help="folder for diffusion_*.png")
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--whatif-guidance", type=float, nargs="+", default=[1.0, 3.0])
+    parser.add_argument(
+        "--whatif-guidance",
+        type=float,
+        nargs="+",
+        default=[1.0, 3.0],
+        help="what-if guidance scales: all reported, or the candidates of --select-guidance",
+    )
+    parser.add_argument(
+        "--select-guidance",
+        action="store_true",
+        help="choose the what-if guidance among --whatif-guidance by Pearson r on validation visits; report it on test",
+    )
+    parser.add_argument(
+        "--val-whatif-visits", type=int, default=40, help="validation visits with a lesion used by --select-guidance"
+    )
+    parser.add_argument(
+        "--report-all-guidance", action="store_true", help="with --select-guidance also report the other candidates"
+    )
+    parser.add_argument("--lr", type=float, default=1e-3, help="denoiser learning rate")
+    parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
+    parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the denoiser weights (0 = off)")
     parser.add_argument("--save", default=None, help="folder for the trained weights")
     parser.add_argument("--mri-subjects", type=int, default=0, help="> 0 also runs the 3D brain-ROI configuration")
     parser.add_argument("--mri-ae-epochs", type=int, default=10)
@@ -390,9 +430,9 @@ def main() -> None:
             args.max_tokens,
             truth,
         )
-        for name in ("training", "test")
+        for name in ("training", "validation", "test")
     }
-    boxes = _lesion_boxes(cohort, split["training"] + split["test"])
+    boxes = _lesion_boxes(cohort, split["training"] + split["validation"] + split["test"])
     spacing = Mammo2DConfig(size=args.size).spacing
     print(
         f"cohort ready in {time.perf_counter() - t0:.0f} s: {len(data['training'])} training / {len(data['test'])} test pairs"
@@ -412,29 +452,21 @@ def main() -> None:
     )
     autoencoder = ae_config.build()
     train_images = torch.stack([torch.from_numpy(images[k][None]) for k in images if k[0] in set(split["training"])])
-    t0 = time.perf_counter()
-    if args.autoencoder and Path(args.autoencoder).is_file():
-        autoencoder.load_state_dict(torch.load(args.autoencoder, weights_only=True))
-        autoencoder.eval()
-        ae_losses = [float("nan")]
-        print(f"autoencoder loaded from {args.autoencoder}")
-    else:
+
+    def train_2d_autoencoder() -> list[float]:
         # stage 1: every training scan; stage 2 (--ae-change-epochs): (prior, target) pairs of the
         # training subjects with the change term, so that the latent keeps a lesion-boundary move
-        ae_losses = train_autoencoder(
-            autoencoder, train_images, ae_config, epochs=args.ae_epochs, batch_size=16, lr=2e-3
-        )
+        losses = train_autoencoder(autoencoder, train_images, ae_config, epochs=args.ae_epochs, batch_size=16, lr=2e-3)
         if args.ae_change_epochs > 0:
             pairs_images = torch.stack(
                 [torch.stack([s["prior_image"], s["target_image"]]) for s, _ in data["training"]]
             )
-            ae_losses += train_autoencoder(
+            losses += train_autoencoder(
                 autoencoder, pairs_images, ae_config, epochs=args.ae_change_epochs, batch_size=16, lr=2e-3
             )
-        if args.autoencoder:
-            Path(args.autoencoder).parent.mkdir(parents=True, exist_ok=True)
-            torch.save(autoencoder.state_dict(), args.autoencoder)
-    ae_time = time.perf_counter() - t0
+        return losses
+
+    ae_losses, ae_time = _load_or_train_autoencoder(autoencoder, args.autoencoder, train_2d_autoencoder)
     ssim = SSIMMetric(spatial_dims=2, data_range=1.0, reduction="none")
     psnr = PSNRMetric(max_val=1.0, reduction="none")
     test_images = torch.stack([s["target_image"] for s, _ in data["test"]])
@@ -478,8 +510,57 @@ def main() -> None:
         prior = data_lookup[(meta["subject_id"], meta["target_index"])]["prior_image"][0].numpy()
         return meta["prior_area"] + gain * _box_count(image, prior, box) * spacing**2
 
-    data_lookup = {(m["subject_id"], m["target_index"]): s for s, m in data["test"]}
+    data_lookup = {(m["subject_id"], m["target_index"]): s for s, m in data["test"] + data["validation"]}
     lesion_test = [(s, m) for s, m in data["test"] if boxes[m["subject_id"]] is not None]
+    lesion_validation = [(s, m) for s, m in data["validation"] if boxes[m["subject_id"]] is not None]
+
+    def what_if_eval(inferer, net, pairs, guidances, keep_output=False, chunk=16) -> dict:
+        """Stop the drug after the last prior scan (or start 40 mg/day) on each visit of ``pairs``:
+        the true change of lesion area (``resimulate``), the continuous reader on the simulator's
+        recorded / counterfactual images, and the forecast change at each guidance (both readers),
+        shared noise, ``chunk`` visits per batch."""
+        from monai_twin.engines import twin_conditions
+
+        keys = DIFFUSION_CONDITION_KEYS + DIFFUSION_OPTIONAL_KEYS
+        true, read_true, edited_conditions = [], [], []
+        for _, meta in pairs:
+            item = meta["item"]
+            last, target_time = float(item["history_times"][-1]), float(item["target_time"])
+            subject = load_subject(cohort, meta["subject_id"])
+            code = subject.drug_code
+            try:
+                edited = edit_events(item["events"], code, value=0.0, after=last, before=target_time)
+            except ValueError:  # not taking the drug there: start it
+                edited = _start_drug(item["events"], code, 40.0, last, target_time)
+            edited_conditions.append(twin_conditions(dict(item, events=edited), vocabulary, args.max_tokens))
+            cf_events = pd.DataFrame({k: v for k, v in edited.items() if k in ("time", "code", "numeric_value")})
+            cf_visit = resimulate(subject, cf_events, days=[target_time])
+            true.append(float(cf_visit.truth["lesion_area_mm2"].iloc[0]) - meta["target_area"])
+            # the same reader on the simulator's own recorded / counterfactual images (its ceiling)
+            recorded_image = np.asarray(resimulate(subject, days=[target_time]).aligned[0], dtype=np.float32)
+            cf_image = np.asarray(cf_visit.aligned[0], dtype=np.float32)
+            box = boxes[meta["subject_id"]]
+            read_true.append(intensity_gain * float((cf_image - recorded_image)[box].sum()) * spacing**2)
+        out = {"true": true, "read_true": read_true, "predicted_sum": {}, "predicted_area": {}}
+        for w in guidances:
+            out["predicted_sum"][w], out["predicted_area"][w] = [], []
+            for start in range(0, len(pairs), chunk):
+                part = pairs[start : start + chunk]
+                prior = torch.stack([s["prior_image"] for s, _ in part])
+                cond = _stack([s for s, _ in part], keys)
+                edited_cond = _stack(edited_conditions[start : start + chunk], keys)
+                o = inferer.what_if(prior, net, cond, edited_cond, args.n_samples, seed=args.seed, guidance_scale=w)
+                for i, (_, meta) in enumerate(part):
+                    box = boxes[meta["subject_id"]]
+                    diff = o["difference"][i, 0].numpy()
+                    out["predicted_sum"][w].append(intensity_gain * float(diff[box].sum()) * spacing**2)
+                    out["predicted_area"][w].append(
+                        area(o["counterfactual"][i, 0].numpy(), meta) - area(o["baseline"][i, 0].numpy(), meta)
+                    )
+                if keep_output:
+                    out["output"] = o
+        return out
+
     reader_err = np.mean([abs(area(s["target_image"][0].numpy(), m) - m["target_area"]) for s, m in lesion_test])
     print(f"lesion-area reader: gain {gain:.2f}; its error on the true target images {reader_err:.1f} mm^2 (the floor)")
 
@@ -532,7 +613,15 @@ def main() -> None:
         )
         t0 = time.perf_counter()
         losses = train_diffusion_twin(
-            net, scheduler, latent_samples, epochs=args.epochs, batch_size=32, lr=1e-3, seed=args.seed
+            net,
+            scheduler,
+            latent_samples,
+            epochs=args.epochs,
+            batch_size=32,
+            lr=args.lr,
+            seed=args.seed,
+            ema_decay=args.ema,
+            lr_schedule=None if args.lr_schedule == "constant" else args.lr_schedule,
         )
         print(
             f"\n== twin ({kind}): {args.epochs} epochs on {len(latent_samples)} pairs ({n_null} null-EHR) in "
@@ -613,66 +702,39 @@ def main() -> None:
             f"null-EHR check: SSIM(forecast, prior) mean {null_ssim.mean():.3f}, min {null_ssim.min():.3f} (target >= 0.9)"
         )
 
-        # what-if against the true counterfactual
-        predicted, true, read_true, first = [], [], [], None
-        predicted_sum = {w: [] for w in args.whatif_guidance}
-        for sample, meta in lesion_test:
-            item = meta["item"]
-            last, target_time = float(item["history_times"][-1]), float(item["target_time"])
-            subject = load_subject(cohort, meta["subject_id"])
-            code = subject.drug_code
-            try:
-                edited = edit_events(item["events"], code, value=0.0, after=last, before=target_time)
-            except ValueError:  # not taking the drug there: start it
-                edited = _start_drug(item["events"], code, 40.0, last, target_time)
-            edited_item = dict(item, events=edited)
-            from monai_twin.engines import twin_conditions
-
-            edited_cond = {k: v[None] for k, v in twin_conditions(edited_item, vocabulary, args.max_tokens).items()}
-            cond = {k: sample[k][None] for k in DIFFUSION_CONDITION_KEYS + DIFFUSION_OPTIONAL_KEYS}
-            out = inferer.what_if(sample["prior_image"][None], net, cond, edited_cond, args.n_samples, seed=args.seed)
-            predicted.append(
-                area(out["counterfactual"][0, 0].numpy(), meta) - area(out["baseline"][0, 0].numpy(), meta)
+        # what-if against the true counterfactual; the guidance is chosen on validation visits
+        # (--select-guidance), never on the test visits that report it
+        candidates = list(dict.fromkeys(args.whatif_guidance))
+        if args.select_guidance and len(candidates) > 1:
+            val = lesion_validation[: args.val_whatif_visits]
+            v = what_if_eval(inferer, net, val, candidates)
+            val_r = {w: _pearson(v["predicted_sum"][w], v["true"]) for w in candidates}
+            chosen = max(candidates, key=lambda w: (np.nan_to_num(val_r[w], nan=-2.0), -w))
+            print(
+                f"what-if guidance chosen on {len(val)} validation visits with a lesion: "
+                + ", ".join(f"guidance {w}: r = {val_r[w]:.3f}" for w in candidates)
+                + f" -> {chosen}"
             )
-            box = boxes[meta["subject_id"]]
-            for w in args.whatif_guidance:
-                o = (
-                    out
-                    if w == args.guidance
-                    else inferer.what_if(
-                        sample["prior_image"][None],
-                        net,
-                        cond,
-                        edited_cond,
-                        args.n_samples,
-                        seed=args.seed,
-                        guidance_scale=w,
-                    )
-                )
-                predicted_sum[w].append(intensity_gain * float(o["difference"][0, 0].numpy()[box].sum()) * spacing**2)
-            cf_events = pd.DataFrame({k: v for k, v in edited.items() if k in ("time", "code", "numeric_value")})
-            cf_visit = resimulate(subject, cf_events, days=[target_time])
-            true.append(float(cf_visit.truth["lesion_area_mm2"].iloc[0]) - meta["target_area"])
-            # the same reader on the simulator's own recorded / counterfactual images (its ceiling)
-            recorded_image = np.asarray(resimulate(subject, days=[target_time]).aligned[0], dtype=np.float32)
-            cf_image = np.asarray(cf_visit.aligned[0], dtype=np.float32)
-            read_true.append(intensity_gain * float((cf_image - recorded_image)[box].sum()) * spacing**2)
-            if first is None or abs(true[-1]) > abs(true[first[0]]):
-                first = (len(true) - 1, out)
-        r = pearsonr(predicted, true).statistic if len(true) > 2 else float("nan")
+            report = [chosen] + ([w for w in candidates if w != chosen] if args.report_all_guidance else [])
+        else:
+            chosen, report = candidates[0], candidates
+        wi = what_if_eval(inferer, net, lesion_test, report)
+        true, read_true = wi["true"], wi["read_true"]
         print(
-            f"what-if (stop the drug after the last prior scan, or start 40 mg/day): n = {len(true)}, true change "
-            f"{np.mean(np.abs(true)):.1f} mm^2 on average, predicted {np.mean(np.abs(predicted)):.1f}; Pearson r = {r:.3f} (target >= 0.8)"
+            f"what-if (stop the drug after the last prior scan, or start 40 mg/day): n = {len(true)} test visits, "
+            f"true change {np.mean(np.abs(true)):.1f} mm^2 on average"
         )
         print(
             f"   the continuous reader on the true recorded / counterfactual images: r = "
-            f"{pearsonr(read_true, true).statistic:.3f}, read {np.mean(np.abs(read_true)):.1f} mm^2 on average"
+            f"{_pearson(read_true, true):.3f}, read {np.mean(np.abs(read_true)):.1f} mm^2 on average"
         )
-        for w, values in predicted_sum.items():
-            r_sum = pearsonr(values, true).statistic if np.std(values) > 0 else float("nan")
+        for w in report:
+            tag = " (chosen on validation)" if args.select_guidance and w == chosen else ""
             print(
-                f"   continuous reader (intensity gained in the lesion box x {intensity_gain:.2f}), guidance {w}: "
-                f"predicted {np.mean(np.abs(values)):.2f} mm^2 on average, Pearson r = {r_sum:.3f}"
+                f"   guidance {w}{tag}: continuous reader (intensity gained in the lesion box x {intensity_gain:.2f}) "
+                f"predicted {np.mean(np.abs(wi['predicted_sum'][w])):.2f} mm^2 on average, Pearson r = "
+                f"{_pearson(wi['predicted_sum'][w], true):.3f} (target >= 0.8); thresholded reader r = "
+                f"{_pearson(wi['predicted_area'][w], true):.3f}"
             )
         if args.save:
             Path(args.save).mkdir(parents=True, exist_ok=True)
@@ -692,7 +754,9 @@ def main() -> None:
                 target=target_images[i],
                 title=f"{test_meta[i]['subject_id']} visit {test_meta[i]['target_index']}",
             )
-            one_item = {k: v[0] for k, v in first[1].items()}  # (1, H, W): save_what_if_png draws one item
+            j = int(np.argmax(np.abs(true)))
+            one_what_if = what_if_eval(inferer, net, lesion_test[j : j + 1], [chosen], keep_output=True)["output"]
+            one_item = {k: v[0] for k, v in one_what_if.items()}  # (1, H, W): save_what_if_png draws one item
             save_what_if_png(one_item, fig / "diffusion_what_if.png", title="stop / start the drug after the last scan")
 
     # ---- speed

@@ -314,6 +314,8 @@ def train_diffusion_twin(
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: bool = False,
+    ema_decay: float = 0.0,
+    lr_schedule: str | None = None,
 ) -> list[float]:
     """Train a :class:`~monai_twin.networks.diffusion.LatentDiffusionTwin` with MONAI's ``SupervisedTrainer``.
 
@@ -326,6 +328,12 @@ def train_diffusion_twin(
         condition_dropout: probability of dropping a row's clinical context.
         fit_residual_scale: set ``network.residual_scale`` to the standard deviation of
             ``target - prior`` over ``samples`` before training (only when it is > 0).
+        ema_decay: ``> 0`` keeps an exponential moving average of the parameters, updated after
+            every iteration (``decay`` ramps up as ``min(ema_decay, (1 + n) / (10 + n))`` over the
+            first iterations), and loads it into ``network`` when training ends; ``0`` (default)
+            keeps the last iterate. The averaged denoiser is the usual choice for sampling.
+        lr_schedule: ``None`` (constant ``lr``) or ``"cosine"`` (cosine annealing from ``lr`` to 0
+            over all iterations, stepped every iteration).
 
     Returns:
         the mean training loss of each epoch.
@@ -340,25 +348,67 @@ def train_diffusion_twin(
     for key in ("prior", "target", *DIFFUSION_CONDITION_KEYS):
         if key not in samples[0]:
             raise KeyError(f"train_diffusion_twin: samples[0] has no {key!r} (keys: {sorted(samples[0])}).")
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
+    if lr_schedule not in (None, "cosine"):
+        raise ValueError(f"lr_schedule must be None or 'cosine', got {lr_schedule!r}.")
     if fit_residual_scale and float(network.residual_scale) > 0:
         change = torch.stack([torch.as_tensor(s["target"]) - torch.as_tensor(s["prior"]) for s in samples])
         network.residual_scale.fill_(max(float(change.std()), 1e-3))
     torch.manual_seed(seed)
     loader = DataLoader(list(samples), batch_size=batch_size, shuffle=True, drop_last=len(samples) > batch_size)
+    optimizer = torch.optim.AdamW(network.parameters(), lr)
     trainer = SupervisedTrainer(
         device=torch.device(device),
         max_epochs=epochs,
         train_data_loader=loader,
         network=network.to(device),
-        optimizer=torch.optim.AdamW(network.parameters(), lr),
+        optimizer=optimizer,
         loss_function=torch.nn.MSELoss(),
         inferer=TwinDiffusionInferer(scheduler),
         prepare_batch=DiffusionTwinPrepareBatch(scheduler, float(network.residual_scale), condition_dropout),
         decollate=False,
     )
     losses = _epoch_losses(trainer)
+    if lr_schedule == "cosine":
+        _cosine_schedule(trainer, optimizer, epochs * len(loader))
+    if ema_decay > 0:
+        _ema(trainer, network, ema_decay)
     if progress:
         _progress_bar(trainer, epochs * len(loader), "diffusion twin")
     trainer.run()
     network.eval()
     return losses
+
+
+def _cosine_schedule(trainer: Any, optimizer: torch.optim.Optimizer, total: int) -> None:
+    """Cosine annealing of the learning rate to 0 over ``total`` iterations, stepped per iteration."""
+    from ignite.engine import Events
+
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(int(total), 1))
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _step(engine: Any) -> None:
+        schedule.step()
+
+
+def _ema(trainer: Any, network: torch.nn.Module, decay: float) -> None:
+    """An exponential moving average of ``network``'s parameters, loaded into it when training completes."""
+    from ignite.engine import Events
+
+    params = [p for p in network.parameters() if p.requires_grad]
+    shadow = [p.detach().clone() for p in params]
+    count = [0]
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _update(engine: Any) -> None:
+        count[0] += 1
+        d = min(decay, (1.0 + count[0]) / (10.0 + count[0]))
+        with torch.no_grad():
+            torch._foreach_lerp_(shadow, [p.detach() for p in params], 1.0 - d)
+
+    @trainer.on(Events.COMPLETED)
+    def _load(engine: Any) -> None:
+        with torch.no_grad():
+            for p, s in zip(params, shadow):
+                p.copy_(s)

@@ -148,3 +148,71 @@ class TestTraining:
             train_diffusion_twin(torch.nn.Linear(1, 1), make_scheduler("ddim"), [])
         with pytest.raises(KeyError, match="samples\\[0\\] has no 'prior'"):
             train_diffusion_twin(torch.nn.Linear(1, 1), make_scheduler("ddim"), [{"target": torch.zeros(1)}])
+
+
+class TestEMAAndSchedule:
+    @staticmethod
+    def _toy():
+        torch.manual_seed(0)
+        from monai_twin.networks.diffusion import LatentDiffusionTwin
+
+        net = LatentDiffusionTwin(2, 4, 5, 3, channels=(8, 16), context_dim=16, num_head_channels=8)
+        batch = _batch(6)
+        samples = [{k: v[i] for k, v in batch.items()} for i in range(6)]
+        return net, samples
+
+    def test_ema_is_the_average_of_the_iterates(self):
+        # one iteration (the batch holds every sample): EMA = d * initial + (1 - d) * trained, d = 2 / 11
+        net, samples = self._toy()
+        initial = {k: v.clone() for k, v in net.state_dict().items()}
+        train_diffusion_twin(net, make_scheduler("ddim"), samples, epochs=1, batch_size=6, lr=1e-2)
+        trained = {k: v.clone() for k, v in net.state_dict().items()}
+        ema_net, _ = self._toy()
+        train_diffusion_twin(ema_net, make_scheduler("ddim"), samples, epochs=1, batch_size=6, lr=1e-2, ema_decay=0.99)
+        d = 2.0 / 11.0
+        moved = 0
+        for name, value in ema_net.state_dict().items():
+            if name == "residual_scale":
+                torch.testing.assert_close(value, trained[name])
+                continue
+            torch.testing.assert_close(value, d * initial[name] + (1 - d) * trained[name], atol=1e-6, rtol=1e-5)
+            moved += int(not torch.equal(trained[name], initial[name]))
+        assert moved > 10
+
+    def test_ema_decay_zero_is_the_last_iterate(self):
+        net, samples = self._toy()
+        train_diffusion_twin(net, make_scheduler("ddim"), samples, epochs=2, batch_size=3, lr=1e-2)
+        other, _ = self._toy()
+        train_diffusion_twin(other, make_scheduler("ddim"), samples, epochs=2, batch_size=3, lr=1e-2, ema_decay=0.0)
+        for a, b in zip(net.parameters(), other.parameters()):
+            torch.testing.assert_close(a, b)
+
+    def test_cosine_schedule_anneals_to_zero(self):
+        from ignite.engine import Engine
+
+        from monai_twin.engines.diffusion import _cosine_schedule
+
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        seen = []
+
+        def step(engine, batch):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+
+        engine = Engine(step)
+        _cosine_schedule(engine, optimizer, 8)
+        engine.run([0, 1, 2, 3], max_epochs=2)
+        expected = [0.05 * (1 + np.cos(np.pi * k / 8)) for k in range(8)]
+        np.testing.assert_allclose(seen, expected, rtol=1e-6)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+    def test_cosine_training_runs_and_bad_options(self):
+        net, samples = self._toy()
+        losses = train_diffusion_twin(
+            net, make_scheduler("ddim"), samples, epochs=2, batch_size=3, lr_schedule="cosine", ema_decay=0.9
+        )
+        assert len(losses) == 2 and all(np.isfinite(losses))
+        with pytest.raises(ValueError, match="ema_decay must be in"):
+            train_diffusion_twin(net, make_scheduler("ddim"), samples, ema_decay=1.0)
+        with pytest.raises(ValueError, match="lr_schedule must be None or 'cosine'"):
+            train_diffusion_twin(net, make_scheduler("ddim"), samples, lr_schedule="step")
