@@ -59,11 +59,14 @@ def _aligned_images(cohort: Path) -> dict[tuple[str, int], np.ndarray]:
     return out
 
 
-def _encoders(vocabulary, max_history, carry_forward=False, future_code=None):
+def _encoders(vocabulary, max_history, carry_forward=False, future_code=None, cumulative_exposure=False):
     from monai_twin.transforms.ehr import EHRFutureValuesd, EHRStaticToTensord, EHRToIntervalFeaturesd
     from monai_twin.transforms.sequence import PadSequenced
 
-    encode = [EHRToIntervalFeaturesd(vocabulary, carry_forward=carry_forward), EHRStaticToTensord(vocabulary)]
+    encode = [
+        EHRToIntervalFeaturesd(vocabulary, carry_forward=carry_forward, cumulative_exposure=cumulative_exposure),
+        EHRStaticToTensord(vocabulary),
+    ]
     if future_code is not None:
         encode.append(EHRFutureValuesd(vocabulary, [future_code]))
     return [*encode, PadSequenced(max_history)]
@@ -84,9 +87,11 @@ def _sample(item, images, encode, target=True):
     return out | {"subject_id": item["subject_id"], "target_index": j}
 
 
-def _samples(manifest, items, images, vocabulary, max_history, carry_forward=False, future_code=None):
+def _samples(
+    manifest, items, images, vocabulary, max_history, carry_forward=False, future_code=None, cumulative_exposure=False
+):
     """Model-ready samples (tensors + ``subject_id``/``target_index``) from dataset items."""
-    encode = _encoders(vocabulary, max_history, carry_forward, future_code)
+    encode = _encoders(vocabulary, max_history, carry_forward, future_code, cumulative_exposure)
     return [_sample(item, images, encode) for item in items]
 
 
@@ -270,6 +275,11 @@ def main() -> None:
     parser.add_argument("--ehr-weight", type=float, default=0.01, help="weight of the future-EHR loss term")
     parser.add_argument("--conditioning", nargs="*", default=["stfilm", "film", "channels", "none"])
     parser.add_argument("--no-carry-forward", action="store_true", help="labs only where measured")
+    parser.add_argument(
+        "--cumulative-exposure",
+        action="store_true",
+        help="add each drug's dose x days since the first record to the interval features",
+    )
     parser.add_argument("--workdir", default=None, help="where cohorts/runs go (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
@@ -310,6 +320,7 @@ def main() -> None:
             args.max_history,
             not args.no_carry_forward,
             future_code,
+            args.cumulative_exposure,
         )
         for name in ("training", "validation", "test")
     }
@@ -328,7 +339,7 @@ def main() -> None:
     names = EHRToIntervalFeatures(vocabulary).feature_names
     base = [names.index(f"{future_code}:last")] if not args.no_carry_forward else None
     results = {}
-    encode = _encoders(vocabulary, args.max_history, not args.no_carry_forward)
+    encode = _encoders(vocabulary, args.max_history, not args.no_carry_forward, None, args.cumulative_exposure)
     for conditioning in args.conditioning:
         torch.manual_seed(args.seed)
         net = TwinForecaster(

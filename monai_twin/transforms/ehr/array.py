@@ -81,6 +81,11 @@ class EHRToIntervalFeatures(Transform):
         fill_value: value of undefined cells (0 = the normalised centre).
         check_units: verify the ``unit`` column against the fitted units.
         dtype: torch dtype of the features.
+        cumulative_exposure: add a last block, ``<drug>:cumulative_exposure``: dose x days from the
+            first recorded event (prescriptions before the first prior visit included) to the end of
+            each interval. A window of the last few visits cannot add this up from its own rows, and
+            effects that depend on total exposure (a growth rate damped by the drug taken so far)
+            need it.
 
     Example::
 
@@ -102,10 +107,14 @@ class EHRToIntervalFeatures(Transform):
         fill_value: float = 0.0,
         check_units: bool = True,
         dtype: torch.dtype = torch.float32,
+        cumulative_exposure: bool = False,
     ) -> None:
         self.vocabulary = _vocabulary(vocabulary)
         self.reducers = _check_reducers(reducers)
-        self.feature_names = interval_feature_names(self.vocabulary, self.reducers, exposure, time_since)
+        self.feature_names = interval_feature_names(
+            self.vocabulary, self.reducers, exposure, time_since, cumulative_exposure
+        )
+        self.cumulative_exposure = cumulative_exposure
         if decay is not None and not decay > 0:
             raise ValueError(f"decay must be a positive number of days or None, got {decay}.")
         self.exposure, self.time_since = exposure, time_since
@@ -148,6 +157,7 @@ class EHRToIntervalFeatures(Transform):
                 carry_forward=self.carry_forward,
                 decay=self.decay,
                 fill_value=self.fill_value,
+                cumulative_exposure=self.cumulative_exposure,
             )
         except _ExposureError as err:
             raise ValueError(_exposure_message(err, vocab, str(subject_id))) from None

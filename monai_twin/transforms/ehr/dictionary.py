@@ -68,8 +68,8 @@ class EHRToIntervalFeaturesd(MapTransform):
         vocabulary: a fitted :class:`~monai_twin.transforms.ehr.EHRVocabulary` or its JSON path.
         events_key, history_times_key, target_time_key, subject_key: input keys.
         output_key, mask_key: output keys.
-        reducers, exposure, time_since, carry_forward, decay, fill_value, check_units, dtype: see
-            :class:`~monai_twin.transforms.ehr.EHRToIntervalFeatures`.
+        reducers, exposure, time_since, carry_forward, decay, fill_value, check_units, dtype,
+            cumulative_exposure: see :class:`~monai_twin.transforms.ehr.EHRToIntervalFeatures`.
         allow_missing_keys: skip items without ``events_key`` instead of raising.
 
     Example::
@@ -101,10 +101,20 @@ class EHRToIntervalFeaturesd(MapTransform):
         check_units: bool = True,
         dtype: torch.dtype = torch.float32,
         allow_missing_keys: bool = False,
+        cumulative_exposure: bool = False,
     ) -> None:
         super().__init__(events_key, allow_missing_keys)
         self.transform = EHRToIntervalFeatures(
-            vocabulary, reducers, exposure, time_since, carry_forward, decay, fill_value, check_units, dtype
+            vocabulary,
+            reducers,
+            exposure,
+            time_since,
+            carry_forward,
+            decay,
+            fill_value,
+            check_units,
+            dtype,
+            cumulative_exposure=cumulative_exposure,
         )
         self.events_key, self.history_times_key, self.target_time_key = events_key, history_times_key, target_time_key
         self.subject_key, self.output_key, self.mask_key = subject_key, output_key, mask_key

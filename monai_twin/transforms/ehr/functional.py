@@ -26,6 +26,10 @@ started before ``b_0`` and still running counts for the days it overlaps an inte
   start) is an error; a start with no stop runs until the end of the last interval.
 * ``days_since_last``: days from the latest event of the code (in this or an earlier interval)
   to the end of the interval; ``-1`` when the code has not been seen since ``b_0``.
+* ``cumulative_exposure`` (optional): dose x days of a drug from the subject's first recorded
+  event to the end of the interval, prescriptions before ``b_0`` included -- what a history window
+  of the last few visits cannot add up from its own intervals, and what dose-dependent effects
+  such as a growth rate damped by total drug exposure depend on.
 
 Undefined features (no measurement) are ``fill_value`` (0.0, the normalised centre) and their
 mask is 0. With ``carry_forward`` the value reducers of an interval without a value take the
@@ -302,15 +306,18 @@ def interval_feature_names(
     reducers: Sequence[str] = REDUCERS,
     exposure: bool = True,
     time_since: bool = True,
+    cumulative_exposure: bool = False,
 ) -> list[str]:
     """Names of the F feature columns, in order: one block per reducer over
     ``vocab.feature_codes``, then ``<drug>:exposure`` per exposure code, then
-    ``<code>:days_since_last``."""
+    ``<code>:days_since_last``, then (optional) ``<drug>:cumulative_exposure`` per exposure code."""
     names = [f"{c}:{r}" for r in reducers for c in vocab.feature_codes]
     if exposure:
         names += [f"{c}:exposure" for c in vocab.exposure_codes]
     if time_since:
         names += [f"{c}:days_since_last" for c in vocab.feature_codes]
+    if cumulative_exposure:
+        names += [f"{c}:cumulative_exposure" for c in vocab.exposure_codes]
     return names
 
 
@@ -344,6 +351,7 @@ def interval_features(
     decay: float | None = None,
     fill_value: float = 0.0,
     out: tuple[np.ndarray, np.ndarray] | None = None,
+    cumulative_exposure: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Aggregate events per (interval, code) for many groups (subjects or items) at once.
 
@@ -358,7 +366,8 @@ def interval_features(
         bounds_offsets: (G + 1,) start of each group's bounds in ``bounds``; a group with one
             visit has no interval.
         n_codes, n_exposure: number of feature codes / exposure codes.
-        reducers, exposure, time_since, carry_forward, decay, fill_value: see the module docstring.
+        reducers, exposure, time_since, carry_forward, decay, fill_value, cumulative_exposure: see
+            the module docstring.
         out: optional C-contiguous ``(features, mask)`` arrays of shape (J, F), float32 and bool,
             written in place (lets a caller fill row blocks of one big table).
 
@@ -447,7 +456,12 @@ def interval_features(
     first_interval = (offsets[:-1] - np.arange(n_groups))[interval_group]
     rows = np.arange(n_intervals)
 
-    n_features = len(reducers) * n_codes + (n_exposure if exposure else 0) + (n_codes if time_since else 0)
+    n_features = (
+        len(reducers) * n_codes
+        + (n_exposure if exposure else 0)
+        + (n_codes if time_since else 0)
+        + (n_exposure if cumulative_exposure else 0)
+    )
     if out is None:
         features = np.empty((n_intervals, n_features), dtype=np.float32)
         mask = np.empty((n_intervals, n_features), dtype=bool)
@@ -567,8 +581,38 @@ def interval_features(
         )  # fmt: skip
         features[:, k : k + n_exposure] = x_features
         mask[:, k : k + n_exposure] = x_mask
+    if cumulative_exposure:
+        k = n_features - n_exposure
+        features[:, k:], mask[:, k:] = _cumulative_exposure(
+            time, np.asarray(exposure_column), np.asarray(rate, dtype=np.float64), lo[~is_first],
+            starts[bound_group[~is_first]], end_t, n_exposure,
+        )  # fmt: skip
 
     return features, mask
+
+
+def _cumulative_exposure(time, xcol, rate, end_lo, group_start, end_t, n_exposure):
+    """Dose x days from each group's first event to each interval's end, per exposure code.
+
+    The running rate is a sum of steps (``+dose`` at a start, ``-dose`` at a stop), so the
+    integral up to ``T`` is ``sum_k rate_k (T - t_k)`` over the events before ``T``: two prefix
+    sums (of ``rate`` and ``rate * t``) per exposure code answer it for every interval end at once.
+    """
+    n_intervals = end_t.size
+    if n_exposure == 0 or n_intervals == 0:
+        return np.zeros((n_intervals, n_exposure)), np.zeros((n_intervals, n_exposure), dtype=bool)
+    idx = np.flatnonzero((xcol >= 0) & (rate != 0))
+    steps = np.zeros((time.size + 1, n_exposure))
+    moments = np.zeros((time.size + 1, n_exposure))
+    steps[idx + 1, xcol[idx]] = rate[idx]
+    moments[idx + 1, xcol[idx]] = rate[idx] * time[idx]
+    np.cumsum(steps, axis=0, out=steps)
+    np.cumsum(moments, axis=0, out=moments)
+    # events before each interval end (positions < end_lo) of the interval's own group (>= group_start)
+    total = end_t[:, None] * (steps[end_lo] - steps[group_start]) - (moments[end_lo] - moments[group_start])
+    tol = 1e-9 * max(1.0, float(np.abs(total).max(initial=0.0)))
+    total[total <= tol] = 0.0
+    return total, total > 0
 
 
 def _exposure(
@@ -701,6 +745,7 @@ def interval_feature_table(
     fill_value: float = 0.0,
     check_units: bool = True,
     chunk_events: int = 1 << 16,
+    cumulative_exposure: bool = False,
 ) -> IntervalFeatureTable:
     """Interval features for every item of a cohort in one vectorised pass.
 
@@ -710,8 +755,8 @@ def interval_feature_table(
             are ignored.
         visits: ``subject_id, time`` (days), one row per visit (``manifest.visits``).
         vocab: the fitted :class:`~monai_twin.transforms.ehr.EHRVocabulary`.
-        reducers, exposure, time_since, carry_forward, decay, fill_value: as in
-            :class:`~monai_twin.transforms.ehr.EHRToIntervalFeatures`.
+        reducers, exposure, time_since, carry_forward, decay, fill_value, cumulative_exposure: as
+            in :class:`~monai_twin.transforms.ehr.EHRToIntervalFeatures`.
         check_units: verify the ``unit`` column against the fitted units.
         chunk_events: when the events are grouped by subject (as ``load_manifest`` returns them),
             they are processed in blocks of whole subjects of about this many rows, which bounds
@@ -744,13 +789,13 @@ def interval_feature_table(
             f"{sorted({str(uniques[b]) for b in bad})[:10]} are not."
         )
     n_codes, n_exposure = len(vocab.feature_codes), len(vocab.exposure_codes)
-    names = interval_feature_names(vocab, _check_reducers(reducers), exposure, time_since)
+    names = interval_feature_names(vocab, _check_reducers(reducers), exposure, time_since, cumulative_exposure)
     n_groups = len(uniques)
     n_intervals = int(offsets[-1] - n_groups)
     features = np.empty((n_intervals, len(names)), dtype=np.float32)
     mask = np.empty((n_intervals, len(names)), dtype=bool)
     options = dict(reducers=reducers, exposure=exposure, time_since=time_since, carry_forward=carry_forward,
-                   decay=decay, fill_value=fill_value)  # fmt: skip
+                   decay=decay, fill_value=fill_value, cumulative_exposure=cumulative_exposure)  # fmt: skip
 
     def run(rows: slice | np.ndarray, g0: int, g1: int) -> None:
         # encode and aggregate the events of groups [g0, g1); their intervals are one row block

@@ -146,6 +146,49 @@ def test_exposure_overlaps_prior_starts_and_open_ends():
     assert f[:, t.feature_names.index("D:count")].tolist() == [1.0, 1.0]  # starts in each interval
 
 
+def test_cumulative_exposure_counts_the_whole_record():
+    events = pd.DataFrame(
+        {
+            "time": [-3.0, 1.0, 2.0, 4.0, 8.0],
+            "code": ["D//START", "D//START", "D//STOP", "D//STOP", "D//START"],
+            "numeric_value": [10.0, 2.0, 10.0, 2.0, 1.0],
+        }
+    )
+    vocab = EHRVocabulary.fit(events)
+    t = EHRToIntervalFeatures(vocab, reducers=("count",), time_since=False, cumulative_exposure=True)
+    assert t.feature_names == ["D:count", "D:exposure", "D:cumulative_exposure"]
+    f, m = t(events, [0.0, 3.0], 10.0)
+    # to day 3: 10/day from day -3 to 2 (50) + 2/day from day 1 (4); to day 10: + 2/day 3..4 (2) + 1/day 8..10 (2)
+    assert f[:, 2].tolist() == pytest.approx([54.0, 58.0])
+    assert m[:, 2].tolist() == [1.0, 1.0]
+    # after the first interval it grows by exactly that interval's exposure
+    assert (f[1:, 2] - f[:-1, 2]).tolist() == pytest.approx(f[1:, 1].tolist())
+    # a window of the last visit only sees 4 mg x days of exposure, but the same 58 in total
+    f_late, _ = t(events, [3.0], 10.0)
+    assert f_late[:, 1].tolist() == pytest.approx([4.0]) and f_late[:, 2].tolist() == pytest.approx([58.0])
+    # before any drug: zero and unmasked
+    f_early, m_early = t(events.iloc[3:].assign(code=["LAB//x", "D//START"]).iloc[1:], [0.0, 5.0], 7.0)
+    assert f_early[:, -1].tolist() == [0.0, 0.0] and m_early[:, -1].tolist() == [0.0, 0.0]
+
+
+def test_cumulative_exposure_table_equals_truncated_items():
+    events, visits = random_cohort(12, 40, seed=4)
+    vocab = EHRVocabulary.fit(events)
+    table = interval_feature_table(events, visits, vocab, cumulative_exposure=True, chunk_events=60)
+    t = EHRToIntervalFeatures(vocab, cumulative_exposure=True)
+    assert table.feature_names == t.feature_names and vocab.exposure_codes
+    cols = [t.feature_names.index(f"{c}:cumulative_exposure") for c in vocab.exposure_codes]
+    assert (table.features[:, cols] > 0).any()
+    for sid, group in visits.groupby("subject_id"):
+        times = group["time"].to_numpy()
+        ev = subject_events(events, sid)
+        for target in range(2, len(times)):
+            full, _ = table.item(sid, target)
+            # the last two visits only: the total exposure still reaches back to the first record
+            f, _ = t(ev, times[target - 2 : target], times[target])
+            np.testing.assert_allclose(f.numpy()[:, cols], full[-2:, cols], rtol=1e-6, atol=1e-4)
+
+
 def test_stop_before_start_names_subject_and_code():
     events = pd.DataFrame({"time": [1.0, 2.0], "code": ["D//STOP", "D//START"], "numeric_value": [5.0, 5.0]})
     vocab = EHRVocabulary.fit(events)
