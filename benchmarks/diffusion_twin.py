@@ -110,23 +110,23 @@ def _box_count(image: np.ndarray, prior: np.ndarray, box) -> float:
     return float((d > LESION_STEP).sum() - (d < -LESION_STEP).sum())
 
 
-def _load_or_train_autoencoder(autoencoder, path, train) -> tuple[list[float], float]:
-    """Load ``autoencoder``'s weights from ``path`` if that file exists, else run ``train()`` (which
-    returns the epoch losses) and save the weights there when ``path`` is given.
+def _load_or_train(module, path, train) -> tuple[list[float], float]:
+    """Load ``module``'s weights (an autoencoder or a twin) from ``path`` if that file exists, else
+    run ``train()`` (which returns the epoch losses) and save the weights there when ``path`` is given.
 
     Returns:
         the training losses (``[nan]`` when loaded) and the seconds it took.
     """
     t0 = time.perf_counter()
     if path and Path(path).is_file():
-        autoencoder.load_state_dict(torch.load(path, weights_only=True))
-        autoencoder.eval()
-        print(f"autoencoder loaded from {path}")
+        module.load_state_dict(torch.load(path, weights_only=True))
+        module.eval()
+        print(f"{type(module).__name__} loaded from {path}")
         return [float("nan")], time.perf_counter() - t0
     losses = train()
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(autoencoder.state_dict(), path)
+        torch.save(module.state_dict(), path)
     return losses, time.perf_counter() - t0
 
 
@@ -246,7 +246,7 @@ def mri_section(args) -> None:
     )
     autoencoder = config.build()
     train_images = torch.stack([torch.from_numpy(images[k][None]) for k in images if k[0] in set(split["training"])])
-    _, ae_time = _load_or_train_autoencoder(
+    _, ae_time = _load_or_train(
         autoencoder,
         args.mri_autoencoder,
         lambda: train_autoencoder(autoencoder, train_images, config, epochs=args.mri_ae_epochs, batch_size=8, lr=2e-3),
@@ -351,6 +351,11 @@ def main() -> None:
     parser.add_argument(
         "--autoencoder", default=None, help="2D autoencoder weights: loaded if the file exists, else saved there"
     )
+    parser.add_argument(
+        "--twin",
+        default=None,
+        help="2D twin weights ('{kind}' is replaced by the scheduler): loaded if the file exists, else saved there",
+    )
     parser.add_argument("--null-fraction", type=float, default=0.3, help="null-EHR pairs per training pair")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--convlstm-epochs", type=int, default=0, help="> 0 also trains the ConvLSTM twin")
@@ -373,6 +378,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--report-all-guidance", action="store_true", help="with --select-guidance also report the other candidates"
+    )
+    parser.add_argument(
+        "--eta",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="DDIM eta (step noise); several: chosen by the per-subject uncertainty Spearman on validation",
     )
     parser.add_argument("--lr", type=float, default=1e-3, help="denoiser learning rate")
     parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
@@ -466,7 +478,7 @@ def main() -> None:
             )
         return losses
 
-    ae_losses, ae_time = _load_or_train_autoencoder(autoencoder, args.autoencoder, train_2d_autoencoder)
+    ae_losses, ae_time = _load_or_train(autoencoder, args.autoencoder, train_2d_autoencoder)
     ssim = SSIMMetric(spatial_dims=2, data_range=1.0, reduction="none")
     psnr = PSNRMetric(max_val=1.0, reduction="none")
     test_images = torch.stack([s["target_image"] for s, _ in data["test"]])
@@ -611,22 +623,29 @@ def main() -> None:
             attention_levels=(False,) * (len(args.twin_channels) - 1) + (True,),
             interval_dim=interval_dim,
         )
-        t0 = time.perf_counter()
-        losses = train_diffusion_twin(
+        losses, twin_time = _load_or_train(
             net,
-            scheduler,
-            latent_samples,
-            epochs=args.epochs,
-            batch_size=32,
-            lr=args.lr,
-            seed=args.seed,
-            ema_decay=args.ema,
-            lr_schedule=None if args.lr_schedule == "constant" else args.lr_schedule,
+            args.twin.replace("{kind}", kind) if args.twin else None,
+            lambda net=net, scheduler=scheduler: train_diffusion_twin(
+                net,
+                scheduler,
+                latent_samples,
+                epochs=args.epochs,
+                batch_size=32,
+                lr=args.lr,
+                seed=args.seed,
+                ema_decay=args.ema,
+                lr_schedule=None if args.lr_schedule == "constant" else args.lr_schedule,
+            ),
         )
         print(
             f"\n== twin ({kind}): {args.epochs} epochs on {len(latent_samples)} pairs ({n_null} null-EHR) in "
-            f"{time.perf_counter() - t0:.0f} s, loss {np.mean(losses[:3]):.4f} -> {np.mean(losses[-3:]):.4f}"
+            f"{twin_time:.0f} s, loss {np.mean(losses[:3]):.4f} -> {np.mean(losses[-3:]):.4f}"
         )
+        if args.save:
+            Path(args.save).mkdir(parents=True, exist_ok=True)
+            torch.save(autoencoder.state_dict(), Path(args.save) / "autoencoder.pt")
+            torch.save(net.state_dict(), Path(args.save) / f"twin_{kind}.pt")
         inferer = LatentTwinInferer(
             scheduler,
             autoencoder,
@@ -637,16 +656,47 @@ def main() -> None:
         )
         twins[kind] = (net, inferer)
 
-        # forecasts, in chunks
-        means, stds = [], []
-        for start in range(0, len(test_samples), 16):
-            sl = slice(start, start + 16)
-            out = inferer.forecast(
-                prior_images[sl], net, {k: v[sl] for k, v in conditions.items()}, args.n_samples, seed=args.seed
+        def forecast_eval(pairs, eta, net=net, inferer=inferer):
+            """Forecasts (mean of N samples, in chunks) of ``pairs`` and the uncertainty Spearmans:
+            per-visit mean std vs mean absolute error, over visits and over subjects (their means)."""
+            priors = torch.stack([s["prior_image"] for s, _ in pairs])
+            targets = torch.stack([s["target_image"] for s, _ in pairs])
+            cond = _stack([s for s, _ in pairs], DIFFUSION_CONDITION_KEYS + DIFFUSION_OPTIONAL_KEYS)
+            means, stds = [], []
+            for start in range(0, len(pairs), 16):
+                sl = slice(start, start + 16)
+                out = inferer.forecast(
+                    priors[sl], net, {k: v[sl] for k, v in cond.items()}, args.n_samples, seed=args.seed, eta=eta
+                )
+                means.append(out["mean"].clamp(0, 1))
+                stds.append(out["std"])
+            mean, std = torch.cat(means), torch.cat(stds)
+            abs_err = (mean - targets).abs().flatten(1).mean(1).numpy()
+            mean_std = std.flatten(1).mean(1).numpy()
+            frame = (
+                pd.DataFrame({"sid": [m["subject_id"] for _, m in pairs], "std": mean_std, "err": abs_err})
+                .groupby("sid")
+                .mean()
             )
-            means.append(out["mean"].clamp(0, 1))
-            stds.append(out["std"])
-        mean, std = torch.cat(means), torch.cat(stds)
+            rho = (spearmanr(mean_std, abs_err).statistic, spearmanr(frame["std"], frame["err"]).statistic)
+            return mean, std, rho, len(frame)
+
+        # the DDIM eta (step noise) chosen on the validation visits by the per-subject uncertainty Spearman
+        etas = list(dict.fromkeys(args.eta))
+        if len(etas) > 1:
+            val_rho = {e: forecast_eval(data["validation"], e)[2] for e in etas}
+            eta = max(etas, key=lambda e: (np.nan_to_num(val_rho[e][1], nan=-2.0), -e))
+            print(
+                f"DDIM eta chosen on {len(data['validation'])} validation visits: "
+                + ", ".join(f"eta {e}: Spearman {val_rho[e][0]:.3f} / {val_rho[e][1]:.3f}" for e in etas)
+                + f" (visits / subjects) -> {eta}"
+            )
+        else:
+            eta = etas[0]
+        inferer.eta = eta
+
+        # forecasts
+        mean, std, (rho_items, rho_subjects), n_subjects = forecast_eval(data["test"], eta)
         rows = []
         for name, image in (("diffusion", mean), ("copy_last", prior_images)):
             s_ = ssim(image, target_images).reshape(-1).tolist()
@@ -664,18 +714,9 @@ def main() -> None:
         )
         print(table.round(3).to_string())
 
-        # uncertainty
-        abs_err = (mean - target_images).abs().flatten(1).mean(1).numpy()
-        mean_std = std.flatten(1).mean(1).numpy()
-        rho_items = spearmanr(mean_std, abs_err).statistic
-        frame = (
-            pd.DataFrame({"sid": [m["subject_id"] for m in test_meta], "std": mean_std, "err": abs_err})
-            .groupby("sid")
-            .mean()
-        )
-        rho_subjects = spearmanr(frame["std"], frame["err"]).statistic
         print(
-            f"uncertainty: Spearman(mean std, mean abs error) = {rho_items:.3f} over {len(abs_err)} test items, {rho_subjects:.3f} over {len(frame)} subjects (target >= 0.5)"
+            f"uncertainty (eta {eta}): Spearman(mean std, mean abs error) = {rho_items:.3f} over {len(test_meta)} "
+            f"test items, {rho_subjects:.3f} over {n_subjects} subjects (target >= 0.5)"
         )
 
         # null-EHR check
@@ -736,10 +777,6 @@ def main() -> None:
                 f"{_pearson(wi['predicted_sum'][w], true):.3f} (target >= 0.8); thresholded reader r = "
                 f"{_pearson(wi['predicted_area'][w], true):.3f}"
             )
-        if args.save:
-            Path(args.save).mkdir(parents=True, exist_ok=True)
-            torch.save(autoencoder.state_dict(), Path(args.save) / "autoencoder.pt")
-            torch.save(net.state_dict(), Path(args.save) / f"twin_{kind}.pt")
         if args.figures and kind == args.schedulers[0]:
             fig = Path(args.figures)
             fig.mkdir(parents=True, exist_ok=True)

@@ -139,6 +139,8 @@ class TwinDiffusionInferer(DiffusionInferer):
         conditions: Mapping[str, torch.Tensor] | None = None,
         num_inference_steps: int = 25,
         guidance_scale: float = 1.0,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Reverse diffusion from ``input_noise`` to the diffusion variable (a latent change or latent).
 
@@ -151,6 +153,10 @@ class TwinDiffusionInferer(DiffusionInferer):
                 :data:`DIFFUSION_OPTIONAL_KEYS` ones if the twin uses them).
             num_inference_steps: DDIM / RFlow steps.
             guidance_scale: classifier-free guidance ``w``: ``eps_u + w (eps_c - eps_u)``; 1 = conditional only.
+            eta: DDIM's ``eta``: 0 (default) -- deterministic steps, the only randomness is
+                ``input_noise``; ``> 0`` -- every step adds fresh noise of standard deviation
+                ``eta * sigma_t`` (1 = DDPM's posterior variance). DDIM schedulers only.
+            generator: draws that step noise (the same seeded generator = the same step noise).
             verbose: tqdm progress bar over the steps.
 
         The positional arguments of MONAI's ``DiffusionInferer.sample`` that do not apply
@@ -171,7 +177,14 @@ class TwinDiffusionInferer(DiffusionInferer):
             raise ValueError(f"input_noise {tuple(input_noise.shape)} must match prior {tuple(prior.shape)}.")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}.")
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}.")
         scheduler = scheduler or self.scheduler
+        if eta > 0:
+            from monai.networks.schedulers import DDIMScheduler
+
+            if not isinstance(scheduler, DDIMScheduler):
+                raise ValueError(f"eta > 0 needs a DDIM scheduler, got {type(scheduler).__name__}.")
         b = prior.shape[0]
         cond = {k: conditions[k] for k in _condition_keys(conditions)}
         context = diffusion_model.encode_condition(prior, **cond)
@@ -200,6 +213,8 @@ class TwinDiffusionInferer(DiffusionInferer):
                 out = out_u + guidance_scale * (out_c - out_u)
             if _is_rflow(scheduler):
                 x, _ = scheduler.step(out, int(t), x, int(t_next))
+            elif eta > 0:
+                x, _ = scheduler.step(out, int(t), x, eta=eta, generator=generator)
             else:
                 x, _ = scheduler.step(out, int(t), x)
         return x
@@ -222,6 +237,8 @@ class LatentTwinInferer(TwinDiffusionInferer):
             stay the raw draws (the spread is an uncertainty, not a forecast). ``0`` keeps every change.
         num_inference_steps: default sampling steps.
         guidance_scale: default classifier-free guidance scale.
+        eta: default DDIM ``eta`` (0: deterministic steps; ``> 0``: fresh noise at every step,
+            drawn from a second stream seeded by ``seed``, so a what-if still shares every draw).
 
     Example::
 
@@ -239,8 +256,12 @@ class LatentTwinInferer(TwinDiffusionInferer):
         num_inference_steps: int = 25,
         guidance_scale: float = 1.0,
         change_threshold: float = 0.0,
+        eta: float = 0.0,
     ) -> None:
         super().__init__(scheduler)
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}.")
+        self.eta = float(eta)
         if scale_factor <= 0:
             raise ValueError(f"scale_factor must be > 0, got {scale_factor}.")
         if change_threshold < 0:
@@ -275,6 +296,7 @@ class LatentTwinInferer(TwinDiffusionInferer):
         guidance_scale: float | None = None,
         scheduler: Any = None,
         verbose: bool = False,
+        eta: float | None = None,
     ) -> dict[str, torch.Tensor]:
         """``n_samples`` forecasts per item, their mean and per-voxel standard deviation.
 
@@ -285,7 +307,9 @@ class LatentTwinInferer(TwinDiffusionInferer):
                 :data:`DIFFUSION_OPTIONAL_KEYS` ones if the twin uses them).
             n_samples: samples per item.
             seed: seeds the noise (same seed = same noise, the basis of shared-noise what-ifs).
-            noise: explicit starting noise ``(n_samples, B, C, *latent_spatial)``; overrides ``seed``.
+            noise: explicit starting noise ``(n_samples, B, C, *latent_spatial)``; overrides ``seed``
+                for the starting noise (with ``eta > 0`` the step noise still follows ``seed``).
+            eta: overrides the inferer's DDIM ``eta``.
 
         Returns:
             ``samples`` ``(n_samples, B, C, *spatial)``, ``mean`` and ``std`` ``(B, C, *spatial)``,
@@ -311,6 +335,10 @@ class LatentTwinInferer(TwinDiffusionInferer):
             noise = torch.randn((n_samples, *prior.shape), generator=generator).to(prior)
         elif tuple(noise.shape) != (n_samples, *prior.shape):
             raise ValueError(f"noise must have shape {(n_samples, *prior.shape)}, got {tuple(noise.shape)}.")
+        eta = self.eta if eta is None else float(eta)
+        # the step noise (eta > 0) comes from its own stream, so that it does not depend on whether
+        # the starting noise was drawn here or passed in (what_if passes it)
+        step_generator = torch.Generator().manual_seed(int(seed) + 1_000_003) if eta > 0 and seed is not None else None
         # all samples in one batch: (n_samples * B, ...)
         rep = lambda t: t.repeat(n_samples, *([1] * (t.ndim - 1)))  # noqa: E731
         x = self.sample(
@@ -322,6 +350,8 @@ class LatentTwinInferer(TwinDiffusionInferer):
             conditions={k: rep(conditions[k]) for k in keys},
             num_inference_steps=num_inference_steps or self.num_inference_steps,
             guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
+            eta=eta,
+            generator=step_generator,
         )
         latent = diffusion_model.from_diffusion(x, rep(prior))
         images = self.decode(latent)
@@ -355,9 +385,14 @@ class LatentTwinInferer(TwinDiffusionInferer):
             (per-voxel std of the paired differences). Unchanged conditions give exactly zero.
             ``save_what_if_png`` (:mod:`monai_twin.inferers.whatif`) draws it.
         """
+        eta = self.eta if kwargs.get("eta") is None else float(kwargs["eta"])
+        if eta > 0 and seed is None:
+            raise ValueError("what_if with eta > 0 needs a seed (the step noise must be shared).")
         base = self.forecast(prior_image, diffusion_model, conditions, n_samples, seed, **kwargs)
         kwargs.pop("noise", None)
-        edit = self.forecast(prior_image, diffusion_model, edited_conditions, n_samples, noise=base["noise"], **kwargs)
+        edit = self.forecast(
+            prior_image, diffusion_model, edited_conditions, n_samples, seed, noise=base["noise"], **kwargs
+        )
         paired = edit["samples"] - base["samples"]
         return {
             "baseline": base["mean"],
