@@ -374,6 +374,14 @@ def main() -> None:
         help="choose the what-if guidance among --whatif-guidance by Pearson r on validation visits; report it on test",
     )
     parser.add_argument(
+        "--whatif-floors",
+        type=float,
+        nargs="+",
+        default=None,
+        help="floors on the decoded change for the what-if (default: --change-threshold); "
+        "several: candidates of --select-guidance",
+    )
+    parser.add_argument(
         "--val-whatif-visits", type=int, default=40, help="validation visits with a lesion used by --select-guidance"
     )
     parser.add_argument(
@@ -526,11 +534,12 @@ def main() -> None:
     lesion_test = [(s, m) for s, m in data["test"] if boxes[m["subject_id"]] is not None]
     lesion_validation = [(s, m) for s, m in data["validation"] if boxes[m["subject_id"]] is not None]
 
-    def what_if_eval(inferer, net, pairs, guidances, keep_output=False, chunk=16) -> dict:
+    def what_if_eval(inferer, net, pairs, guidances, floors, keep_output=False, chunk=16) -> dict:
         """Stop the drug after the last prior scan (or start 40 mg/day) on each visit of ``pairs``:
         the true change of lesion area (``resimulate``), the continuous reader on the simulator's
-        recorded / counterfactual images, and the forecast change at each guidance (both readers),
-        shared noise, ``chunk`` visits per batch."""
+        recorded / counterfactual images, and the forecast change (both readers) at each guidance
+        and each floor on the decoded change (``LatentTwinInferer.change_threshold``, applied here
+        to the same samples), shared noise, ``chunk`` visits per batch."""
         from monai_twin.engines import twin_conditions
 
         keys = DIFFUSION_CONDITION_KEYS + DIFFUSION_OPTIONAL_KEYS
@@ -554,23 +563,36 @@ def main() -> None:
             box = boxes[meta["subject_id"]]
             read_true.append(intensity_gain * float((cf_image - recorded_image)[box].sum()) * spacing**2)
         out = {"true": true, "read_true": read_true, "predicted_sum": {}, "predicted_area": {}}
-        for w in guidances:
-            out["predicted_sum"][w], out["predicted_area"][w] = [], []
-            for start in range(0, len(pairs), chunk):
-                part = pairs[start : start + chunk]
-                prior = torch.stack([s["prior_image"] for s, _ in part])
-                cond = _stack([s for s, _ in part], keys)
-                edited_cond = _stack(edited_conditions[start : start + chunk], keys)
-                o = inferer.what_if(prior, net, cond, edited_cond, args.n_samples, seed=args.seed, guidance_scale=w)
-                for i, (_, meta) in enumerate(part):
-                    box = boxes[meta["subject_id"]]
-                    diff = o["difference"][i, 0].numpy()
-                    out["predicted_sum"][w].append(intensity_gain * float(diff[box].sum()) * spacing**2)
-                    out["predicted_area"][w].append(
-                        area(o["counterfactual"][i, 0].numpy(), meta) - area(o["baseline"][i, 0].numpy(), meta)
-                    )
-                if keep_output:
-                    out["output"] = o
+        configs = [(w, f) for w in guidances for f in floors]
+        for c in configs:
+            out["predicted_sum"][c], out["predicted_area"][c] = [], []
+        saved_floor, inferer.change_threshold = inferer.change_threshold, 0.0
+        try:
+            for w in guidances:
+                for start in range(0, len(pairs), chunk):
+                    part = pairs[start : start + chunk]
+                    prior = torch.stack([s["prior_image"] for s, _ in part])
+                    cond = _stack([s for s, _ in part], keys)
+                    edited_cond = _stack(edited_conditions[start : start + chunk], keys)
+                    o = inferer.what_if(prior, net, cond, edited_cond, args.n_samples, seed=args.seed, guidance_scale=w)
+                    for f in floors:
+
+                        def floored(mean, f=f, prior=prior):
+                            change = mean - prior
+                            return prior + torch.where(change.abs() > f, change, torch.zeros_like(change))
+
+                        base, cf = floored(o["baseline"]), floored(o["counterfactual"])
+                        for i, (_, meta) in enumerate(part):
+                            box = boxes[meta["subject_id"]]
+                            diff = (cf - base)[i, 0].numpy()
+                            out["predicted_sum"][(w, f)].append(intensity_gain * float(diff[box].sum()) * spacing**2)
+                            out["predicted_area"][(w, f)].append(
+                                area(cf[i, 0].numpy(), meta) - area(base[i, 0].numpy(), meta)
+                            )
+                        if keep_output:
+                            out["output"] = dict(o, baseline=base, counterfactual=cf, difference=cf - base)
+        finally:
+            inferer.change_threshold = saved_floor
         return out
 
     reader_err = np.mean([abs(area(s["target_image"][0].numpy(), m) - m["target_area"]) for s, m in lesion_test])
@@ -743,23 +765,28 @@ def main() -> None:
             f"null-EHR check: SSIM(forecast, prior) mean {null_ssim.mean():.3f}, min {null_ssim.min():.3f} (target >= 0.9)"
         )
 
-        # what-if against the true counterfactual; the guidance is chosen on validation visits
-        # (--select-guidance), never on the test visits that report it
-        candidates = list(dict.fromkeys(args.whatif_guidance))
-        if args.select_guidance and len(candidates) > 1:
+        # what-if against the true counterfactual; the guidance and the floor on the decoded change
+        # are chosen on validation visits (--select-guidance), never on the test visits that report them
+        guidances = list(dict.fromkeys(args.whatif_guidance))
+        floors = list(dict.fromkeys(args.whatif_floors or [args.change_threshold]))
+        configs = [(w, f) for w in guidances for f in floors]
+        if args.select_guidance and len(configs) > 1:
             val = lesion_validation[: args.val_whatif_visits]
-            v = what_if_eval(inferer, net, val, candidates)
-            val_r = {w: _pearson(v["predicted_sum"][w], v["true"]) for w in candidates}
-            chosen = max(candidates, key=lambda w: (np.nan_to_num(val_r[w], nan=-2.0), -w))
+            v = what_if_eval(inferer, net, val, guidances, floors)
+            val_r = {c: _pearson(v["predicted_sum"][c], v["true"]) for c in configs}
+            chosen = max(configs, key=lambda c: (np.nan_to_num(val_r[c], nan=-2.0), -c[0], c[1]))
             print(
-                f"what-if guidance chosen on {len(val)} validation visits with a lesion: "
-                + ", ".join(f"guidance {w}: r = {val_r[w]:.3f}" for w in candidates)
+                f"what-if (guidance, floor) chosen on {len(val)} validation visits with a lesion: "
+                + ", ".join(f"{c}: r = {val_r[c]:.3f}" for c in configs)
                 + f" -> {chosen}"
             )
-            report = [chosen] + ([w for w in candidates if w != chosen] if args.report_all_guidance else [])
+            report_guidances = [chosen[0]] + (
+                [w for w in guidances if w != chosen[0]] if args.report_all_guidance else []
+            )
+            report_floors = [chosen[1]] + ([f for f in floors if f != chosen[1]] if args.report_all_guidance else [])
         else:
-            chosen, report = candidates[0], candidates
-        wi = what_if_eval(inferer, net, lesion_test, report)
+            chosen, report_guidances, report_floors = configs[0], guidances, floors
+        wi = what_if_eval(inferer, net, lesion_test, report_guidances, report_floors)
         true, read_true = wi["true"], wi["read_true"]
         print(
             f"what-if (stop the drug after the last prior scan, or start 40 mg/day): n = {len(true)} test visits, "
@@ -769,13 +796,13 @@ def main() -> None:
             f"   the continuous reader on the true recorded / counterfactual images: r = "
             f"{_pearson(read_true, true):.3f}, read {np.mean(np.abs(read_true)):.1f} mm^2 on average"
         )
-        for w in report:
-            tag = " (chosen on validation)" if args.select_guidance and w == chosen else ""
+        for c in wi["predicted_sum"]:
+            tag = " (chosen on validation)" if args.select_guidance and c == chosen else ""
             print(
-                f"   guidance {w}{tag}: continuous reader (intensity gained in the lesion box x {intensity_gain:.2f}) "
-                f"predicted {np.mean(np.abs(wi['predicted_sum'][w])):.2f} mm^2 on average, Pearson r = "
-                f"{_pearson(wi['predicted_sum'][w], true):.3f} (target >= 0.8); thresholded reader r = "
-                f"{_pearson(wi['predicted_area'][w], true):.3f}"
+                f"   guidance {c[0]}, floor {c[1]}{tag}: continuous reader (intensity gained in the lesion box x "
+                f"{intensity_gain:.2f}) predicted {np.mean(np.abs(wi['predicted_sum'][c])):.2f} mm^2 on average, "
+                f"Pearson r = {_pearson(wi['predicted_sum'][c], true):.3f} (target >= 0.8); thresholded reader r = "
+                f"{_pearson(wi['predicted_area'][c], true):.3f}"
             )
         if args.figures and kind == args.schedulers[0]:
             fig = Path(args.figures)
@@ -792,7 +819,9 @@ def main() -> None:
                 title=f"{test_meta[i]['subject_id']} visit {test_meta[i]['target_index']}",
             )
             j = int(np.argmax(np.abs(true)))
-            one_what_if = what_if_eval(inferer, net, lesion_test[j : j + 1], [chosen], keep_output=True)["output"]
+            one_what_if = what_if_eval(
+                inferer, net, lesion_test[j : j + 1], [chosen[0]], [chosen[1]], keep_output=True
+            )["output"]
             one_item = {k: v[0] for k, v in one_what_if.items()}  # (1, H, W): save_what_if_png draws one item
             save_what_if_png(one_item, fig / "diffusion_what_if.png", title="stop / start the drug after the last scan")
 
