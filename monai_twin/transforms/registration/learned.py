@@ -141,17 +141,21 @@ class ScaledVxmPairwise(torch.nn.Module):
         return x[:, :c], x[:, c:]
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        import torch.nn.functional as F
-
         shape = source.shape[2:]
-        disp = self.vxm(*self.network_input(source, target))
-        if self.scale > 1:
-            # avg-pooled voxel i is centred on full-resolution voxel (i + 0.5) * scale - 0.5, which is
-            # what align_corners=False assumes; displacements grow with the grid
-            mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
-            disp = F.interpolate(disp, scale_factor=self.scale, mode=mode, align_corners=False) * self.scale
+        disp = self.upsample(self.vxm(*self.network_input(source, target)))
         crop = (slice(None), slice(None), *[slice(0, n) for n in shape])
         return disp[crop]
+
+    def upsample(self, disp: torch.Tensor) -> torch.Tensor:
+        """A displacement on the coarse grid (coarse voxels) -> the padded full-resolution grid (voxels)."""
+        import torch.nn.functional as F
+
+        if self.scale == 1:
+            return disp
+        # avg-pooled voxel i is centred on full-resolution voxel (i + 0.5) * scale - 0.5, which is
+        # what align_corners=False assumes; displacements grow with the grid
+        mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
+        return F.interpolate(disp, scale_factor=self.scale, mode=mode, align_corners=False) * self.scale
 
 
 def build_voxelmorph(
@@ -216,6 +220,7 @@ def train_voxelmorph(
     scale: int = 1,
     pooling: str = "average",
     similarity: float = 1.0,
+    fine_similarity: float = 0.0,
     seed: int = 0,
     identity_fraction: float = 0.0,
     flip_axes: Sequence[int] = (),
@@ -250,6 +255,11 @@ def train_voxelmorph(
         pooling: how the images reach that grid, ``"average"`` or ``"unshuffle"`` (see
             :class:`ScaledVxmPairwise`); the losses always compare average-pooled images.
         similarity: weight of the image term (0: supervised only).
+        fine_similarity: weight of a second image term at full resolution: the coarse displacement
+            upsampled as at inference, the full-resolution moving image warped through it and compared
+            with the full-resolution fixed image (mean squared difference of normalised intensities).
+            The coarse term cannot see a misalignment finer than the pooling; this one can, and it is
+            what SSIM over the registered image rewards.
         seed: torch and numpy seed (initialisation and batch order).
         identity_fraction: adds ``round(identity_fraction * len(pairs))`` pairs of a fixed image
             against itself with a zero true field (an unchanged follow-up), so the model does not
@@ -301,7 +311,10 @@ def train_voxelmorph(
         fixed_full = _normalise(torch.as_tensor(np.stack([p[1] for p in pairs]), dtype=torch.float32)[:, None])
         source, target = model.network_input(moving_full, fixed_full)
         moving, fixed = model.coarse(moving_full), model.coarse(fixed_full)
-        del moving_full, fixed_full
+        # full-resolution images only for the fine term, padded like the network's input
+        moving_full, fixed_full = (
+            (model._pad(moving_full), model._pad(fixed_full)) if fine_similarity > 0 else (None, None)
+        )
         fields = None
         if supervised > 0:
             fields = model.coarse(torch.as_tensor(np.stack([p[2] for p in pairs]), dtype=torch.float32)) / model.scale
@@ -316,10 +329,14 @@ def train_voxelmorph(
         idx = torch.as_tensor(rng.choice(len(pairs), size=min(batch_size, len(pairs)), replace=False))
         b_src, b_tgt, b_mov, b_fix = source[idx], target[idx], moving[idx], fixed[idx]
         b_field = None if fields is None else fields[idx]
+        b_mov_full = None if moving_full is None else moving_full[idx]
+        b_fix_full = None if fixed_full is None else fixed_full[idx]
         for axis in flip_axes:
             if rng.random() < 0.5:
                 dims = [2 + axis]
                 b_src, b_tgt, b_mov, b_fix = (t.flip(dims) for t in (b_src, b_tgt, b_mov, b_fix))
+                if b_mov_full is not None:
+                    b_mov_full, b_fix_full = b_mov_full.flip(dims), b_fix_full.flip(dims)
                 if b_field is not None:
                     sign = torch.ones(spatial_dims, dtype=b_field.dtype)
                     sign[axis] = -1.0
@@ -327,6 +344,9 @@ def train_voxelmorph(
         disp = net(b_src, b_tgt)
         warped = _warp(b_mov, disp)
         loss = similarity * torch.mean((warped - b_fix) ** 2) + smoothness * displacement_smoothness(disp)
+        if b_mov_full is not None:
+            fine = model.upsample(disp)
+            loss = loss + fine_similarity * torch.mean((_warp(b_mov_full, fine) - b_fix_full) ** 2)
         if b_field is not None:
             # the true field is only recoverable where the image has content: in the air around a
             # breast it is arbitrary and would dominate the loss
@@ -362,6 +382,7 @@ def train_voxelmorph(
             "batch_size": int(batch_size),
             "learning_rate": float(learning_rate),
             "similarity": float(similarity),
+            "fine_similarity": float(fine_similarity),
             "smoothness": float(smoothness),
             "supervised": float(supervised),
             "seed": int(seed),
@@ -569,6 +590,31 @@ def testbed_pairs(
     return pairs
 
 
+def _ssim_gain(registered: np.ndarray, moving: np.ndarray, fixed: np.ndarray) -> float:
+    """SSIM gain over breast tissue of a registered mammogram over its pre-aligned moving image
+    (as ``benchmarks/registration_accuracy.py`` measures it: raw intensities, ``data_range=1``,
+    tissue where the fixed image exceeds 0.1)."""
+    from monai_twin.metrics import ssim
+
+    tissue = fixed > 0.1
+    return ssim(registered, fixed, data_range=1.0, mask=tissue) - ssim(moving, fixed, data_range=1.0, mask=tissue)
+
+
+def _demons_gains(pairs: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], spacing: float) -> list[float]:
+    """SSIM gain of the default fast-symmetric demons step (one thread) on each pre-aligned pair
+    (isotropic pixel ``spacing`` in mm, as the benchmark passes it)."""
+    gains = []
+    for moving, fixed, _ in pairs:
+        step = Register(stages=("fast_symmetric_demons",), num_threads=1)
+        affine = torch.diag(torch.tensor([spacing] * moving.ndim + [1.0] * (4 - moving.ndim), dtype=torch.float64))
+        out = step(
+            MetaTensor(torch.as_tensor(moving)[None], affine=affine),
+            MetaTensor(torch.as_tensor(fixed)[None], affine=affine),
+        )
+        gains.append(_ssim_gain(out[0].numpy(), moving, fixed))
+    return gains
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     import shlex
     import sys
@@ -576,9 +622,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train a VoxelMorph model on the synthetic testbed.")
     parser.add_argument("--kind", choices=["mammo2d", "mri_roi3d"], required=True)
     parser.add_argument("--out", required=True, help="weights file to write (.pt; the record goes to .json)")
-    parser.add_argument("--subjects", type=int, default=12)
+    parser.add_argument("--subjects", type=int, nargs="+", default=[12], help="subjects per cohort seed")
     parser.add_argument("--visits", type=int, default=3, help="visits per subject (visit 0 is the fixed image)")
-    parser.add_argument("--cohort-seed", type=int, default=1, help="testbed seed (benchmarks use seed 0)")
+    parser.add_argument(
+        "--cohort-seed",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="testbed seed(s) of the training cohorts, one per --subjects entry (benchmarks use seed 0)",
+    )
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -589,6 +641,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--scale", type=int, default=1, help="the network's grid is this many times coarser")
     parser.add_argument("--pooling", choices=POOLINGS, default="average", help="how images reach that grid")
     parser.add_argument("--similarity", type=float, default=1.0, help="weight of the image term")
+    parser.add_argument(
+        "--fine-similarity", type=float, default=0.0, help="weight of the image term at full resolution"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--seed", type=int, default=0, help="torch seed")
     parser.add_argument(
@@ -597,46 +652,84 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=0.0,
         help="add this share (of the changed pairs) of fixed-vs-itself pairs with a zero field",
     )
-    parser.add_argument("--cache", default=None, help=".npz of prepared pairs: written on the first run, then read")
+    parser.add_argument(
+        "--cache",
+        nargs="*",
+        default=[],
+        help=".npz of prepared pairs, one per cohort seed: written on the first run, then read",
+    )
     parser.add_argument("--flip-axes", type=int, nargs="*", default=[], help="mirror batches along these axes")
     parser.add_argument("--init", default=None, help="weights of the same architecture to start from")
     parser.add_argument("--val-subjects", type=int, default=0, help="validation subjects (visit 1 -> visit 0)")
     parser.add_argument("--val-seed", type=int, default=2, help="testbed seed of the validation subjects")
     parser.add_argument("--val-every", type=int, default=1000, help="validate every so many steps")
+    parser.add_argument(
+        "--keep-best",
+        action="store_true",
+        help="save the weights of the validation step with the highest share of the demons SSIM gain",
+    )
     args = parser.parse_args(argv)
-    if args.val_subjects and args.val_seed in (0, args.cohort_seed):
-        parser.error("--val-seed must differ from the training cohort and from the benchmark cohort (seed 0)")
+    if len(args.subjects) != len(args.cohort_seed):
+        parser.error("--subjects needs one count per --cohort-seed")
+    if args.cache and len(args.cache) != len(args.cohort_seed):
+        parser.error("--cache needs one file per --cohort-seed")
+    if 0 in args.cohort_seed or len(set(args.cohort_seed)) != len(args.cohort_seed):
+        parser.error("--cohort-seed must list distinct seeds other than the benchmark cohort's (0)")
+    if args.val_subjects and args.val_seed in (0, *args.cohort_seed):
+        parser.error("--val-seed must differ from the training cohorts and from the benchmark cohort (seed 0)")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    cache = Path(args.cache) if args.cache else None
-    if cache is not None and cache.is_file():
-        with np.load(cache) as data:
-            pairs = list(zip(data["moving"], data["fixed"], data["field"]))
-    else:
-        pairs = testbed_pairs(args.kind, args.subjects, seed=args.cohort_seed, visits_per_subject=args.visits)
+    pairs = []
+    for i, (n_subjects, cohort_seed) in enumerate(zip(args.subjects, args.cohort_seed)):
+        cache = Path(args.cache[i]) if args.cache else None
+        if cache is not None and cache.is_file():
+            with np.load(cache) as data:
+                pairs += list(zip(data["moving"], data["fixed"], data["field"]))
+            continue
+        cohort = testbed_pairs(args.kind, n_subjects, seed=cohort_seed, visits_per_subject=args.visits)
         if cache is not None:
             np.savez(
                 cache,
-                moving=np.stack([p[0] for p in pairs]),
-                fixed=np.stack([p[1] for p in pairs]),
-                field=np.stack([p[2] for p in pairs]),
+                moving=np.stack([p[0] for p in cohort]),
+                fixed=np.stack([p[1] for p in cohort]),
+                field=np.stack([p[2] for p in cohort]),
             )
+        pairs += cohort
     print(f"{len(pairs)} pairs prepared in {time.perf_counter() - start:.0f} s", flush=True)
-    callback, validation = None, []
+    callback, validation, best = None, [], {}
+    if args.keep_best and not args.val_subjects:
+        parser.error("--keep-best needs --val-subjects")
     if args.val_subjects:
         val = testbed_pairs(args.kind, args.val_subjects, seed=args.val_seed, visits_per_subject=2)
+        # the reference of the share: the classical deformable step on the same pre-aligned pairs
+        val_gains = None
+        if args.kind == "mammo2d":
+            from monai_twin.data.synthetic.cohort import simulate_subject
+
+            val_gains = _demons_gains(val, simulate_subject(args.kind, 0, seed=args.val_seed).config.spacing)
 
         def callback(step: int, model: ScaledVxmPairwise) -> None:
             if step % args.val_every and step != args.steps - 1:
                 return
-            errors = []
+            errors, gains = [], []
             for moving, fixed, field in val:
                 pair = _normalise(torch.as_tensor(np.stack([moving, fixed]), dtype=torch.float32)[:, None])
-                disp = model(pair[:1], pair[1:])[0].numpy()
+                disp = model(pair[:1], pair[1:])
                 content = pair[1, 0].numpy() > 0.05
-                errors.append(float(np.sqrt(((disp - field) ** 2).sum(0))[content].mean()))
-            validation.append({"step": step, "epe_median": float(np.median(errors))})
-            print(f"  validation ({len(val)} pairs, seed {args.val_seed}): EPE median {np.median(errors):.3f} px")
+                errors.append(float(np.sqrt(((disp[0].numpy() - field) ** 2).sum(0))[content].mean()))
+                if val_gains is not None:
+                    warped = _warp(torch.as_tensor(moving, dtype=torch.float32)[None, None], disp)[0, 0].numpy()
+                    gains.append(_ssim_gain(warped, moving, fixed))
+            entry = {"step": step, "epe_median": float(np.median(errors))}
+            text = f"EPE median {entry['epe_median']:.3f} px"
+            if val_gains is not None:
+                entry["ssim_gain_share"] = float(np.median(gains) / np.median(val_gains))
+                text += f", {100 * entry['ssim_gain_share']:.1f} % of the demons step's median SSIM gain"
+                if args.keep_best and entry["ssim_gain_share"] > best.get("share", -np.inf):
+                    best.update(share=entry["ssim_gain_share"], step=step)
+                    best["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            validation.append(entry)
+            print(f"  validation ({len(val)} pairs, seed {args.val_seed}): {text}", flush=True)
 
     command = "python -m monai_twin.transforms.registration.learned " + shlex.join(
         list(sys.argv[1:] if argv is None else argv)
@@ -654,16 +747,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         scale=args.scale,
         pooling=args.pooling,
         similarity=args.similarity,
+        fine_similarity=args.fine_similarity,
         seed=args.seed,
         identity_fraction=args.identity_fraction,
         flip_axes=args.flip_axes,
         initial_state=None if args.init is None else torch.load(args.init, map_location="cpu", weights_only=True),
         out=args.out,
         callback=callback,
-        config_extra={"kind": args.kind, "cohort_seed": args.cohort_seed, "command": command},
+        config_extra={
+            "kind": args.kind,
+            "cohort_seed": args.cohort_seed,
+            "subjects": args.subjects,
+            "command": command,
+        },
     )
     if validation:
         result["config"]["validation"] = {"seed": args.val_seed, "subjects": args.val_subjects, "curve": validation}
+        if best:
+            # the checkpoint with the highest validation share (the validation seed, never the benchmark's)
+            result["model"].load_state_dict(best["state"])
+            result["config"]["validation"]["selected_step"] = best["step"]
+            print(f"kept the weights of step {best['step']} ({100 * best['share']:.1f} % on validation)")
         save_voxelmorph(result["model"], args.out, result["config"])
     size = os.path.getsize(args.out) / 1e6
     print(f"trained in {result['seconds']:.0f} s, final loss {result['losses'][-1]:.5f}, {args.out} ({size:.2f} MB)")
