@@ -15,16 +15,22 @@ Simulates a cohort, maps every scan back to its subject's frame with the true ac
   continuous reader is also applied to the simulator's own recorded / counterfactual images (its
   ceiling) and, on consecutive test scans, to the true images and their autoencoder
   reconstructions (does the latent keep the change at all?);
-* uncertainty: Spearman between each test item's mean per-pixel std and its mean absolute error
-  (target >= 0.5);
+* uncertainty: Spearman between each test item's mean per-pixel std and its mean absolute error,
+  over the items and over the subjects (their means) (target >= 0.5);
 * speed: seconds per sample for DDIM 10 / 25 / 50 steps, and a pixel-space twin of equal width at
   25 steps -- the ratio in the same run;
 * optionally the ConvLSTM twin (``TwinForecaster``) on the same test visits.
 
-Usage::
+Choices left open are made on the validation subjects, never on the test subjects that report
+them: ``--eta 0 1`` picks the DDIM eta by the per-subject uncertainty Spearman, and
+``--select-guidance`` picks the what-if guidance among ``--whatif-guidance`` and the what-if floor
+among ``--whatif-floors`` by the what-if r on ``--val-whatif-visits`` validation visits.
 
-    OMP_NUM_THREADS=1 python benchmarks/diffusion_twin.py --subjects 80 --ae-epochs 15 --epochs 200 \
-        --whatif-guidance 1 3 --autoencoder ae_mammo2d.pt
+Usage (the configuration of the diffusion guide)::
+
+    OMP_NUM_THREADS=1 python benchmarks/diffusion_twin.py --subjects 160 --seed 0 --ae-epochs 15 --epochs 120 \
+        --lr-schedule cosine --ema 0.995 --eta 0 1 --whatif-guidance 1 2 3 --whatif-floors 0.005 0.01 0.02 \
+        --select-guidance --convlstm-epochs 15 --autoencoder ae.pt --twin 'twin_{kind}.pt'
 
 Defaults: the interval EHR path, clean-sample prediction and a 0.02 floor on the decoded change;
 ``--ehr-path crossattn --prediction epsilon --change-threshold 0`` is the earlier twin. The 3D
