@@ -268,6 +268,9 @@ def main() -> None:
         "--flip-axis", type=int, default=None, help="augment training samples with a random flip of this spatial axis"
     )
     parser.add_argument("--lr-schedule", default="cosine", help="'cosine' or 'none'")
+    parser.add_argument(
+        "--plan-film", action="store_true", help="FiLM of the decoder by the forecast interval's EHR embedding"
+    )
     parser.add_argument("--flow-scale", type=float, default=4.0, help="voxels per unit of the displacement head")
     parser.add_argument("--norm", default="INSTANCE", help="normalisation of the twin's convolutions ('none' for none)")
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -357,6 +360,7 @@ def main() -> None:
             change=args.change,
             isolate_ehr_head=not args.shared_ehr_head,
             flow_scale=args.flow_scale,
+            plan_film=args.plan_film and conditioning != "none",
         )
         flip = None
         if args.flip_axis is not None:

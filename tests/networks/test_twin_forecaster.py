@@ -137,11 +137,20 @@ class TestTwinForecaster:
         pred = net(history, times, mask, iv, ivm, st)
         torch.testing.assert_close(pred[0, :, :-1], history[0, 2, :, 1:])
 
-    def test_deformation_learns_an_ehr_driven_growth(self):
-        """A toy lesion grows by a dose-dependent sub-pixel radius: the deformation twin learns it."""
+    @parameterized.expand([(False,), (True,)])
+    def test_deformation_learns_an_ehr_driven_growth(self, plan_film):
+        """A toy lesion grows by a dose-dependent sub-pixel radius: the deformation twin learns it
+        (with and without the plan's FiLM of the decoder)."""
         torch.manual_seed(0)
         net = TwinForecaster(
-            2, 1, channels=(8, 16), hidden_channels=16, ehr_interval_dim=1, ehr_embed_dim=8, change="deformation"
+            2,
+            1,
+            channels=(8, 16),
+            hidden_channels=16,
+            ehr_interval_dim=1,
+            ehr_embed_dim=8,
+            change="deformation",
+            plan_film=plan_film,
         )
         yy, xx = torch.meshgrid(torch.arange(24.0), torch.arange(24.0), indexing="ij")
         rho = torch.sqrt((yy - 12) ** 2 + (xx - 12) ** 2)
@@ -159,6 +168,35 @@ class TestTwinForecaster:
 
         trained, copy_last = _train_toy(net, batch, steps=120)
         assert trained < 0.25 * copy_last
+
+    @parameterized.expand([(2,), (3,)])
+    def test_plan_film_starts_as_the_plain_twin_and_scripts(self, dims):
+        """The decoder FiLM is the identity before training; once trained it still scripts."""
+        torch.manual_seed(0)
+        plain = _net(dims, "channels", change="deformation")
+        with torch.no_grad():
+            for p in plain.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        planned = _net(dims, "channels", change="deformation", plan_film=True)
+        missing = planned.load_state_dict(plain.state_dict(), strict=False).missing_keys
+        assert missing and all(k.startswith("plan_film.") for k in missing)
+        args = _inputs(dims)
+        with torch.no_grad():
+            torch.testing.assert_close(planned(*args), plain(*args))
+            for p in planned.plan_film.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+            moved = planned(*args)
+        assert not torch.allclose(moved, plain(*args))
+        # the second sample's plan is its last *real* interval: editing it moves the forecast, editing
+        # the padded slot after it does not
+        real, padded = list(args), list(args)
+        real[3], padded[3] = args[3].clone(), args[3].clone()
+        real[3][1, 1] += 1.0
+        padded[3][1, 2] += 1.0
+        with torch.no_grad():
+            assert not torch.allclose(planned(*real)[1], moved[1])
+            torch.testing.assert_close(planned(*padded)[1], moved[1])
+            torch.testing.assert_close(torch.jit.script(planned.eval())(*args), moved)
 
     @parameterized.expand(
         [
@@ -201,6 +239,7 @@ class TestTwinForecaster:
             ({"change": "affine"}, "change must be one of"),
             ({"change": "deformation", "residual": False}, "needs residual=True"),
             ({"flow_scale": 0.0}, "flow_scale must be > 0"),
+            ({"plan_film": True, "conditioning": "none"}, "plan_film=True modulates by the EHR"),
             ({"out_channels": 2}, "residual=True needs out_channels"),
             ({"spatial_dims": 4}, "spatial_dims"),
             ({"max_history": 0}, "max_history"),

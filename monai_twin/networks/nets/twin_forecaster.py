@@ -105,6 +105,10 @@ class TwinForecaster(nn.Module):
             its last known value (the ``<code>:last`` feature with ``carry_forward=True``); the
             EHR head then predicts the change from it, so the untrained head is
             last-value-carried-forward -- as the image head starts at copy-last.
+        plan_film: also modulate the decoder's full-resolution features (:class:`FiLM`, identity at
+            initialisation) with the EHR embedding of the forecast interval -- the planned events
+            and the gap to the target -- so the plan scales the predicted change directly rather
+            than only through the ConvLSTM. Needs ``conditioning != "none"``.
 
     Inputs of ``forward`` (``T`` prior visits, padded slots marked in ``history_mask``):
         history ``(B, T, C, *spatial)``, times ``(B, T)`` days from each visit to the target,
@@ -143,6 +147,7 @@ class TwinForecaster(nn.Module):
         change: str = "additive",
         isolate_ehr_head: bool = True,
         flow_scale: float = 4.0,
+        plan_film: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -193,6 +198,9 @@ class TwinForecaster(nn.Module):
             _UpBlock(spatial_dims, channels[level], channels[level - 1], act, norm)
             for level in range(self.levels - 1, 0, -1)
         )
+        if plan_film and conditioning == "none":
+            raise ValueError("plan_film=True modulates by the EHR: it needs conditioning other than 'none'.")
+        self.plan_film: nn.Module | None = FiLM(spatial_dims, channels[0], ehr_embed_dim) if plan_film else None
         self.head = Convolution(spatial_dims, channels[0], out_channels, kernel_size=1, conv_only=True)
         if residual:
             # zero change before training: the untrained twin is the copy-last baseline
@@ -269,6 +277,8 @@ class TwinForecaster(nn.Module):
         y = self.bridge(torch.cat([h, last_skips[-1]], dim=1))
         for i, block in enumerate(self.decoder):
             y = block(y, last_skips[-2 - i])
+        if self.plan_film is not None:
+            y = self.plan_film(y, cond[rows, last])
         out = self.head(y)
         if self.residual:
             last_scan = history[rows, last]
