@@ -129,14 +129,19 @@ def test_carry_forward_with_decay(vocab):
         assert m[:, col].tolist() == [1.0, 0.0]  # a carried value is not a measurement
 
 
-def test_exposure_overlaps_prior_starts_and_open_ends():
-    events = pd.DataFrame(
+def _overlapping_prescriptions() -> pd.DataFrame:
+    """10 mg/day from day -3 to 2, 2 mg/day from day 1 to 4, 1 mg/day from day 8 on."""
+    return pd.DataFrame(
         {
             "time": [-3.0, 1.0, 2.0, 4.0, 8.0],
             "code": ["D//START", "D//START", "D//STOP", "D//STOP", "D//START"],
             "numeric_value": [10.0, 2.0, 10.0, 2.0, 1.0],
         }
     )
+
+
+def test_exposure_overlaps_prior_starts_and_open_ends():
+    events = _overlapping_prescriptions()
     vocab = EHRVocabulary.fit(events)
     t = EHRToIntervalFeatures(vocab, reducers=("count",), time_since=False)
     f, m = t(events, [0.0, 3.0], 10.0)
@@ -147,13 +152,7 @@ def test_exposure_overlaps_prior_starts_and_open_ends():
 
 
 def test_cumulative_exposure_counts_the_whole_record():
-    events = pd.DataFrame(
-        {
-            "time": [-3.0, 1.0, 2.0, 4.0, 8.0],
-            "code": ["D//START", "D//START", "D//STOP", "D//STOP", "D//START"],
-            "numeric_value": [10.0, 2.0, 10.0, 2.0, 1.0],
-        }
-    )
+    events = _overlapping_prescriptions()
     vocab = EHRVocabulary.fit(events)
     t = EHRToIntervalFeatures(vocab, reducers=("count",), time_since=False, cumulative_exposure=True)
     assert t.feature_names == ["D:count", "D:exposure", "D:cumulative_exposure"]
