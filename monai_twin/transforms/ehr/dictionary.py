@@ -68,8 +68,9 @@ class EHRToIntervalFeaturesd(MapTransform):
         vocabulary: a fitted :class:`~monai_twin.transforms.ehr.EHRVocabulary` or its JSON path.
         events_key, history_times_key, target_time_key, subject_key: input keys.
         output_key, mask_key: output keys.
-        reducers, exposure, time_since, carry_forward, decay, fill_value, check_units, dtype,
-            cumulative_exposure: see :class:`~monai_twin.transforms.ehr.EHRToIntervalFeatures`.
+        reducers, exposure, time_since, carry_forward, decay, fill_value, check_units, dtype: see
+            :class:`~monai_twin.transforms.ehr.EHRToIntervalFeatures`.
+        cumulative_exposure: see :class:`~monai_twin.transforms.ehr.EHRToIntervalFeatures`.
         allow_missing_keys: skip items without ``events_key`` instead of raising.
 
     Example::
