@@ -11,7 +11,10 @@ Usage::
     python benchmarks/convlstm_fused_gates.py --repeats 7 --profile
 
 ``--profile`` prints the share of the fused cell's time spent in convolutions: the gates'
-arithmetic is the same in every variant, so that share bounds what fusing can save.
+arithmetic is the same in every variant, so that share bounds what fusing can save. The script
+also times the gate convolution alone, once with ``4 * hidden`` output channels against four
+convolutions with ``hidden`` each (forward + backward): that ratio is what fusing the gates can
+gain from the convolutions themselves on this machine's kernels.
 """
 
 from __future__ import annotations
@@ -88,8 +91,37 @@ def main() -> None:
                 f"    vs {k:28s} {r_med * 1e3:7.1f} ms  speed-up {r_med / f_med:4.2f}x (target >= 1.5x)  "
                 f"max |diff| {errors[k]:.1e} (target <= 1e-5)"
             )
+        conv_ratio = _conv_fusion_ratio(fused, x[:, 0], hidden, args.repeats)
+        print(
+            f"    gate convolution alone: four {hidden}-channel convs / one {4 * hidden}-channel conv = {conv_ratio:4.2f}x"
+        )
         if args.profile:
             _profile(fused, x, hidden, args.repeats)
+
+
+def _conv_fusion_ratio(cell, x0: torch.Tensor, hidden: int, repeats: int) -> float:
+    """Median time of four per-gate convolutions over ``[x, h]`` divided by that of the fused one."""
+    conv = cell.gates
+    z = torch.cat([x0, x0.new_zeros((x0.shape[0], hidden, *x0.shape[2:]))], dim=1).requires_grad_(True)
+    k = conv.kernel_size[0]
+    split = [type(conv)(conv.in_channels, hidden, k, padding=k // 2) for _ in range(4)]
+
+    def fused_step() -> float:
+        start = time.perf_counter()
+        conv(z).square().mean().backward()
+        return time.perf_counter() - start
+
+    def split_step() -> float:
+        start = time.perf_counter()
+        sum(c(z).square().mean() for c in split).backward()
+        return time.perf_counter() - start
+
+    fused_step(), split_step()  # warm-up
+    f_times, s_times = [], []
+    for _ in range(repeats):
+        f_times.append(fused_step())
+        s_times.append(split_step())
+    return statistics.median(s_times) / statistics.median(f_times)
 
 
 def _profile(cell, x, hidden, repeats) -> None:
