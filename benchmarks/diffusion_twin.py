@@ -146,27 +146,33 @@ def _stack(samples, keys):
     return {k: torch.stack([s[k] for s in samples]) for k in keys}
 
 
-def _convlstm_section(args, manifest, images, vocabulary, split, data) -> None:
-    """The ConvLSTM twin (``TwinForecaster``, ST-FiLM, up to 4 prior scans) on the same test visits."""
-    import pandas as pd
+#: the ConvLSTM twin's inputs (its prior scans, up to 4, and its EHR features)
+def _convlstm_keys():
+    from monai_twin.engines import FORECAST_CONDITION_KEYS
+
+    return ("history", "target", *FORECAST_CONDITION_KEYS)
+
+
+def _train_convlstm(args, manifest, images, vocabulary, split):
+    """The ConvLSTM twin (``TwinForecaster``, ST-FiLM, up to 4 prior scans) trained on the training subjects
+    (loaded from ``--convlstm`` if that file exists, else saved there).
+
+    Returns:
+        the network (eval mode) and the training seconds.
+    """
     from forecaster_testbed import _samples as forecaster_samples
     from monai.engines import SupervisedTrainer
-    from monai.metrics import PSNRMetric, SSIMMetric
     from torch.utils.data import DataLoader
 
     from monai_twin.data import build_longitudinal_items
-    from monai_twin.engines import FORECAST_CONDITION_KEYS, ForecastPrepareBatch
+    from monai_twin.engines import ForecastPrepareBatch
     from monai_twin.networks import TwinForecaster
 
-    changed = {(m["subject_id"], m["target_index"]): m["changed"] for _, m in data["test"]}
-    fdata = {
-        name: forecaster_samples(
-            manifest, build_longitudinal_items(manifest, max_history=4, subjects=split[name]), images, vocabulary, 4
-        )
-        for name in ("training", "test")
-    }
-    keys = ("history", "target", *FORECAST_CONDITION_KEYS)
-    tensors = [{k: s[k] for k in keys if k in s} for s in fdata["training"]]
+    keys = _convlstm_keys()
+    training = forecaster_samples(
+        manifest, build_longitudinal_items(manifest, max_history=4, subjects=split["training"]), images, vocabulary, 4
+    )
+    tensors = [{k: s[k] for k in keys if k in s} for s in training]
     torch.manual_seed(args.seed)
     net = TwinForecaster(
         2,
@@ -179,6 +185,10 @@ def _convlstm_section(args, manifest, images, vocabulary, split, data) -> None:
         max_history=4,
     )
     t0 = time.perf_counter()
+    if args.convlstm and Path(args.convlstm).is_file():
+        net.load_state_dict(torch.load(args.convlstm, weights_only=True))
+        print(f"TwinForecaster loaded from {args.convlstm}")
+        return net.eval(), time.perf_counter() - t0
     SupervisedTrainer(
         device=torch.device("cpu"),
         max_epochs=args.convlstm_epochs,
@@ -189,6 +199,50 @@ def _convlstm_section(args, manifest, images, vocabulary, split, data) -> None:
         prepare_batch=ForecastPrepareBatch(),
         decollate=False,
     ).run()
+    if args.convlstm:
+        Path(args.convlstm).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(net.state_dict(), args.convlstm)
+    net.eval()
+    return net, time.perf_counter() - t0
+
+
+def _convlstm_predict(net, items, images, vocabulary, batch_size=32) -> torch.Tensor:
+    """The ConvLSTM twin's forecasts ``(N, 1, H, W)`` (clamped to [0, 1]) of longitudinal ``items``
+    (``max_history=4``; their ``events`` may be edited)."""
+    from forecaster_testbed import _encoders
+    from forecaster_testbed import _sample as forecaster_sample
+
+    from monai_twin.engines import FORECAST_CONDITION_KEYS
+
+    encode = _encoders(vocabulary, 4)
+    samples = [forecaster_sample(item, images, encode, target=False) for item in items]
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(samples), batch_size):
+            part = samples[start : start + batch_size]
+            b = {k: torch.stack([s[k] for s in part]) for k in ("history", *FORECAST_CONDITION_KEYS) if k in part[0]}
+            out.append(net(b["history"], **{k: b[k] for k in FORECAST_CONDITION_KEYS if k in b}).clamp(0, 1))
+    return torch.cat(out)
+
+
+def _convlstm_section(args, manifest, images, vocabulary, split, data, trained=None) -> None:
+    """The ConvLSTM twin (``TwinForecaster``, ST-FiLM, up to 4 prior scans) on the same test visits
+    (``trained``: an already trained ``(net, seconds)``, e.g. the diffusion twin's base forecaster)."""
+    import pandas as pd
+    from forecaster_testbed import _samples as forecaster_samples
+    from monai.metrics import PSNRMetric, SSIMMetric
+
+    from monai_twin.data import build_longitudinal_items
+    from monai_twin.engines import FORECAST_CONDITION_KEYS
+
+    changed = {(m["subject_id"], m["target_index"]): m["changed"] for _, m in data["test"]}
+    net, train_time = trained or _train_convlstm(args, manifest, images, vocabulary, split)
+    keys = _convlstm_keys()
+    fdata = {
+        "test": forecaster_samples(
+            manifest, build_longitudinal_items(manifest, max_history=4, subjects=split["test"]), images, vocabulary, 4
+        )
+    }
     ssim = SSIMMetric(spatial_dims=2, data_range=1.0, reduction="none")
     psnr = PSNRMetric(max_val=1.0, reduction="none")
     rows = []
@@ -204,9 +258,7 @@ def _convlstm_section(args, manifest, images, vocabulary, split, data) -> None:
                     "psnr": float(psnr(pred, b["target"]).mean()),
                 }
             )
-    print(
-        f"\n== ConvLSTM twin (ST-FiLM, {args.convlstm_epochs} epochs in {time.perf_counter() - t0:.0f} s), same test visits"
-    )
+    print(f"\n== ConvLSTM twin (ST-FiLM, {args.convlstm_epochs} epochs in {train_time:.0f} s), same test visits")
     print(pd.DataFrame(rows).groupby("changed")[["ssim", "psnr"]].mean().round(3).to_string())
 
 
@@ -365,6 +417,16 @@ def main() -> None:
     parser.add_argument("--null-fraction", type=float, default=0.3, help="null-EHR pairs per training pair")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--convlstm-epochs", type=int, default=0, help="> 0 also trains the ConvLSTM twin")
+    parser.add_argument(
+        "--convlstm", default=None, help="ConvLSTM twin weights: loaded if the file exists, else saved there"
+    )
+    parser.add_argument(
+        "--base-forecast",
+        default="none",
+        choices=["none", "convlstm"],
+        help="convlstm: residual diffusion on the ConvLSTM twin's forecast (LatentDiffusionTwin(base_forecast=True); "
+        "trains the ConvLSTM twin with --convlstm-epochs first)",
+    )
     parser.add_argument("--figures", default=None, help="folder for diffusion_*.png")
     parser.add_argument("--workdir", default=None)
     parser.add_argument(
@@ -464,9 +526,29 @@ def main() -> None:
         f"cohort ready in {time.perf_counter() - t0:.0f} s: {len(data['training'])} training / {len(data['test'])} test pairs"
     )
 
+    convlstm = None
+    if args.convlstm_epochs > 0 and (args.convlstm_only or args.base_forecast == "convlstm"):
+        convlstm = _train_convlstm(args, manifest, images, vocabulary, split)
     if args.convlstm_only:
-        _convlstm_section(args, manifest, images, vocabulary, split, data)
+        _convlstm_section(args, manifest, images, vocabulary, split, data, trained=convlstm)
         return
+    use_base = args.base_forecast == "convlstm"
+    items4 = {}
+    if use_base:
+        # the base forecast of every pair: the ConvLSTM twin's prediction of the same target
+        if convlstm is None:
+            raise SystemExit("--base-forecast convlstm needs --convlstm-epochs > 0")
+        t0 = time.perf_counter()
+        for name in ("training", "validation", "test"):
+            for item in build_longitudinal_items(manifest, max_history=4, subjects=split[name]):
+                items4[(item["subject_id"], item["target_index"])] = item
+            part = data[name]
+            bases = _convlstm_predict(
+                convlstm[0], [items4[(m["subject_id"], m["target_index"])] for _, m in part], images, vocabulary
+            )
+            for (sample, _), base in zip(part, bases):
+                sample["base_image"] = base
+        print(f"base forecasts (ConvLSTM twin) of every pair in {time.perf_counter() - t0:.0f} s")
 
     # ---- autoencoder
     ae_config = autoencoder_config(
@@ -516,6 +598,10 @@ def main() -> None:
         {"prior": p, "target": t, **{k: s[k] for k in DIFFUSION_CONDITION_KEYS + DIFFUSION_OPTIONAL_KEYS}}
         for p, t, s in zip(priors, targets, pairs)
     ]
+    if use_base:  # null-EHR pairs: the base forecast is the prior (null_ehr_sample)
+        base_latents = encode_latents(autoencoder, torch.stack([s["base_image"] for s in pairs]), scale_factor)
+        for sample, z in zip(latent_samples, base_latents):
+            sample["base"] = z
     sums, deltas = [], []
     for s, meta in data["training"]:
         box = boxes[meta["subject_id"]]
@@ -545,20 +631,28 @@ def main() -> None:
         the true change of lesion area (``resimulate``), the continuous reader on the simulator's
         recorded / counterfactual images, and the forecast change (both readers) at each guidance
         and each floor on the decoded change (``LatentTwinInferer.change_threshold``, applied here
-        to the same samples), shared noise, ``chunk`` visits per batch."""
+        to the same samples), shared noise, ``chunk`` visits per batch. With a base forecast the
+        ConvLSTM twin forecasts the edited events too (``edited_base``), the floors apply to the
+        change from each base, and ``base_sum`` is the base forecasts' own what-if (no diffusion)."""
         from monai_twin.engines import twin_conditions
 
+        def edit(events, code, last, target_time):
+            try:
+                return edit_events(events, code, value=0.0, after=last, before=target_time)
+            except ValueError:  # not taking the drug there: start it
+                return _start_drug(events, code, 40.0, last, target_time)
+
         keys = DIFFUSION_CONDITION_KEYS + DIFFUSION_OPTIONAL_KEYS
-        true, read_true, edited_conditions = [], [], []
+        true, read_true, edited_conditions, edited_items4 = [], [], [], []
         for _, meta in pairs:
             item = meta["item"]
             last, target_time = float(item["history_times"][-1]), float(item["target_time"])
             subject = load_subject(cohort, meta["subject_id"])
             code = subject.drug_code
-            try:
-                edited = edit_events(item["events"], code, value=0.0, after=last, before=target_time)
-            except ValueError:  # not taking the drug there: start it
-                edited = _start_drug(item["events"], code, 40.0, last, target_time)
+            edited = edit(item["events"], code, last, target_time)
+            if use_base:
+                item4 = items4[(meta["subject_id"], meta["target_index"])]
+                edited_items4.append(dict(item4, events=edit(item4["events"], code, last, target_time)))
             edited_conditions.append(twin_conditions(dict(item, events=edited), vocabulary, args.max_tokens))
             cf_events = pd.DataFrame({k: v for k, v in edited.items() if k in ("time", "code", "numeric_value")})
             cf_visit = resimulate(subject, cf_events, days=[target_time])
@@ -568,7 +662,12 @@ def main() -> None:
             cf_image = np.asarray(cf_visit.aligned[0], dtype=np.float32)
             box = boxes[meta["subject_id"]]
             read_true.append(intensity_gain * float((cf_image - recorded_image)[box].sum()) * spacing**2)
-        out = {"true": true, "read_true": read_true, "predicted_sum": {}, "predicted_area": {}}
+        out = {"true": true, "read_true": read_true, "predicted_sum": {}, "predicted_area": {}, "base_sum": []}
+        edited_base = _convlstm_predict(convlstm[0], edited_items4, images, vocabulary) if use_base else None
+        if use_base:
+            for i, (s, meta) in enumerate(pairs):
+                diff = (edited_base[i] - s["base_image"])[0].numpy()
+                out["base_sum"].append(intensity_gain * float(diff[boxes[meta["subject_id"]]].sum()) * spacing**2)
         configs = [(w, f) for w in guidances for f in floors]
         for c in configs:
             out["predicted_sum"][c], out["predicted_area"][c] = [], []
@@ -580,14 +679,19 @@ def main() -> None:
                     prior = torch.stack([s["prior_image"] for s, _ in part])
                     cond = _stack([s for s, _ in part], keys)
                     edited_cond = _stack(edited_conditions[start : start + chunk], keys)
-                    o = inferer.what_if(prior, net, cond, edited_cond, args.n_samples, seed=args.seed, guidance_scale=w)
+                    ref = torch.stack([s["base_image"] for s, _ in part]) if use_base else prior
+                    edited_ref = edited_base[start : start + chunk] if use_base else prior
+                    bases = {"base_image": ref, "edited_base_image": edited_ref} if use_base else {}
+                    o = inferer.what_if(
+                        prior, net, cond, edited_cond, args.n_samples, seed=args.seed, guidance_scale=w, **bases
+                    )
                     for f in floors:
 
-                        def floored(mean, f=f, prior=prior):
-                            change = mean - prior
-                            return prior + torch.where(change.abs() > f, change, torch.zeros_like(change))
+                        def floored(mean, reference, f=f):
+                            change = mean - reference
+                            return reference + torch.where(change.abs() > f, change, torch.zeros_like(change))
 
-                        base, cf = floored(o["baseline"]), floored(o["counterfactual"])
+                        base, cf = floored(o["baseline"], ref), floored(o["counterfactual"], edited_ref)
                         for i, (_, meta) in enumerate(part):
                             box = boxes[meta["subject_id"]]
                             diff = (cf - base)[i, 0].numpy()
@@ -637,6 +741,7 @@ def main() -> None:
     prior_images = torch.stack([s["prior_image"] for s in test_samples])
     target_images = torch.stack([s["target_image"] for s in test_samples])
     conditions = _stack(test_samples, DIFFUSION_CONDITION_KEYS + DIFFUSION_OPTIONAL_KEYS)
+    base_images = torch.stack([s["base_image"] for s in test_samples]) if use_base else None
     twins = {}
     interval_dim = conditions["ehr_interval"].shape[1] if args.ehr_path == "interval" else 0
     for kind in args.schedulers:
@@ -650,6 +755,7 @@ def main() -> None:
             channels=tuple(args.twin_channels),
             attention_levels=(False,) * (len(args.twin_channels) - 1) + (True,),
             interval_dim=interval_dim,
+            base_forecast=use_base,
         )
         losses, twin_time = _load_or_train(
             net,
@@ -690,11 +796,18 @@ def main() -> None:
             priors = torch.stack([s["prior_image"] for s, _ in pairs])
             targets = torch.stack([s["target_image"] for s, _ in pairs])
             cond = _stack([s for s, _ in pairs], DIFFUSION_CONDITION_KEYS + DIFFUSION_OPTIONAL_KEYS)
+            bases = torch.stack([s["base_image"] for s, _ in pairs]) if use_base else None
             means, stds = [], []
             for start in range(0, len(pairs), 16):
                 sl = slice(start, start + 16)
                 out = inferer.forecast(
-                    priors[sl], net, {k: v[sl] for k, v in cond.items()}, args.n_samples, seed=args.seed, eta=eta
+                    priors[sl],
+                    net,
+                    {k: v[sl] for k, v in cond.items()},
+                    args.n_samples,
+                    seed=args.seed,
+                    eta=eta,
+                    base_image=None if bases is None else bases[sl],
                 )
                 means.append(out["mean"].clamp(0, 1))
                 stds.append(out["std"])
@@ -726,7 +839,10 @@ def main() -> None:
         # forecasts
         mean, std, (rho_items, rho_subjects), n_subjects = forecast_eval(data["test"], eta)
         rows = []
-        for name, image in (("diffusion", mean), ("copy_last", prior_images)):
+        models = [("diffusion", mean), ("copy_last", prior_images)]
+        if use_base:
+            models.append(("base_convlstm", base_images))
+        for name, image in models:
             s_ = ssim(image, target_images).reshape(-1).tolist()
             p_ = psnr(image, target_images).reshape(-1).tolist()
             for i, meta in enumerate(test_meta):
@@ -761,10 +877,12 @@ def main() -> None:
         null_means = []
         for start in range(0, len(test_samples), 16):
             sl = slice(start, start + 16)
+            # a residual twin on a base forecast: with no events and no time the base is the prior
+            null_base = {"base_image": prior_images[sl]} if use_base else {}
             null_means.append(
-                inferer.forecast(prior_images[sl], net, {k: v[sl] for k, v in null_cond.items()}, 4, seed=1)[
-                    "mean"
-                ].clamp(0, 1)
+                inferer.forecast(
+                    prior_images[sl], net, {k: v[sl] for k, v in null_cond.items()}, 4, seed=1, **null_base
+                )["mean"].clamp(0, 1)
             )
         null_ssim = ssim(torch.cat(null_means), prior_images).reshape(-1)
         print(
@@ -802,6 +920,11 @@ def main() -> None:
             f"   the continuous reader on the true recorded / counterfactual images: r = "
             f"{_pearson(read_true, true):.3f}, read {np.mean(np.abs(read_true)):.1f} mm^2 on average"
         )
+        if use_base:
+            print(
+                f"   the base forecasts alone (ConvLSTM twin, recorded / edited events): r = "
+                f"{_pearson(wi['base_sum'], true):.3f}, predicted {np.mean(np.abs(wi['base_sum'])):.2f} mm^2 on average"
+            )
         for c in wi["predicted_sum"]:
             tag = " (chosen on validation)" if args.select_guidance and c == chosen else ""
             print(
@@ -815,7 +938,11 @@ def main() -> None:
             fig.mkdir(parents=True, exist_ok=True)
             i = max(range(len(test_meta)), key=lambda k: test_meta[k]["target_area"] - test_meta[k]["prior_area"])
             one = inferer.forecast(
-                prior_images[i : i + 1], net, {k: v[i : i + 1] for k, v in conditions.items()}, args.n_samples
+                prior_images[i : i + 1],
+                net,
+                {k: v[i : i + 1] for k, v in conditions.items()},
+                args.n_samples,
+                base_image=None if base_images is None else base_images[i : i + 1],
             )
             save_forecast_png(
                 one,
@@ -838,7 +965,14 @@ def main() -> None:
     speed = {}
     for steps in (10, 25, 50):
         t0 = time.perf_counter()
-        inferer.forecast(prior_images[:1], net, one, n, num_inference_steps=steps)
+        inferer.forecast(
+            prior_images[:1],
+            net,
+            one,
+            n,
+            num_inference_steps=steps,
+            base_image=None if base_images is None else base_images[:1],
+        )
         speed[steps] = (time.perf_counter() - t0) / n
     pixel = LatentDiffusionTwin(2, 1, vocabulary.size, conditions["ehr_static"].shape[1]).eval()
     pixel_inferer = LatentTwinInferer(make_scheduler("ddim"), None, num_inference_steps=25)
@@ -852,7 +986,7 @@ def main() -> None:
     )
 
     if args.convlstm_epochs > 0:
-        _convlstm_section(args, manifest, images, vocabulary, split, data)
+        _convlstm_section(args, manifest, images, vocabulary, split, data, trained=convlstm)
     if args.mri_subjects > 0:
         mri_section(args)
 

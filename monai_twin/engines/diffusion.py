@@ -43,7 +43,9 @@ class DiffusionTwinPrepareBatch(DiffusionPrepareBatch):
     for DDPM/DDIM the noise (``prediction_type="epsilon"``), ``x0`` itself (``"sample"``) or MONAI's
     ``get_velocity`` (``"v_prediction"``); for RFlow ``x0 - noise`` (MONAI's velocity convention).
     The optional :data:`~monai_twin.inferers.DIFFUSION_OPTIONAL_KEYS` (interval features) are passed
-    on when the batch has them.
+    on when the batch has them. When the batch has ``base_key`` (the latent of a deterministic base
+    forecast, for ``LatentDiffusionTwin(base_forecast=True)``), ``x0`` is ``(target - base) / residual_scale``
+    and ``base`` is passed to the network.
 
     Args:
         scheduler: the training scheduler (its type decides the target; RFlow samples its own timesteps).
@@ -51,6 +53,7 @@ class DiffusionTwinPrepareBatch(DiffusionPrepareBatch):
         condition_dropout: probability of dropping a row's clinical context (classifier-free guidance).
         prior_key, target_key: latent keys of the batch.
         condition_keys: keys passed to the network as keyword arguments.
+        base_key: latent key of the base forecast, used when the batch has it.
     """
 
     def __init__(
@@ -61,8 +64,10 @@ class DiffusionTwinPrepareBatch(DiffusionPrepareBatch):
         prior_key: str = "prior",
         target_key: str = "target",
         condition_keys: Sequence[str] = DIFFUSION_CONDITION_KEYS,
+        base_key: str = "base",
     ) -> None:
         super().__init__(num_train_timesteps=scheduler.num_train_timesteps)
+        self.base_key = base_key
         if not 0.0 <= condition_dropout < 1.0:
             raise ValueError(f"condition_dropout must be in [0, 1), got {condition_dropout}.")
         self.scheduler, self.residual_scale = scheduler, float(residual_scale)
@@ -105,7 +110,11 @@ class DiffusionTwinPrepareBatch(DiffusionPrepareBatch):
             raise ValueError(
                 f"batch[{self.prior_key!r}] {tuple(prior.shape)} != batch[{self.target_key!r}] {tuple(target.shape)}."
             )
-        x0 = (target - prior) / self.residual_scale if self.residual_scale > 0 else target
+        base = move(self.base_key) if self.base_key in batchdata else None
+        if base is not None and base.shape != target.shape:
+            raise ValueError(f"batch[{self.base_key!r}] {tuple(base.shape)} != the target {tuple(target.shape)}.")
+        reference = prior if base is None else base
+        x0 = (target - reference) / self.residual_scale if self.residual_scale > 0 else target
         noise = self.get_noise(x0)
         timesteps = self.get_timesteps(x0).to(x0.device)
         keys = self.condition_keys + tuple(
@@ -114,6 +123,8 @@ class DiffusionTwinPrepareBatch(DiffusionPrepareBatch):
         conditions = {k: move(k) for k in keys}
         drop = (torch.rand(x0.shape[0], device=x0.device) < self.condition_dropout).float()
         infer_kwargs = {"noise": noise, "timesteps": timesteps, "prior": prior, "drop_condition": drop, **conditions}
+        if base is not None:
+            infer_kwargs["base"] = base
         return x0, self.get_target(x0, noise, timesteps), (), infer_kwargs
 
 
@@ -162,8 +173,12 @@ def null_ehr_sample(
     max_gap_days: float = 3.0,
     prior_key: str = "prior_image",
     target_key: str = "target_image",
+    base_key: str = "base_image",
 ) -> dict[str, Any]:
     """A null-EHR training pair from a sample: target = prior under a small random affine, no events, gap ~0.
+
+    When the sample has ``base_key`` (a base forecast, for a residual twin on a deterministic
+    forecast), it becomes the prior: with no time to the target, the base forecast is the prior scan.
 
     Args:
         sample: an image-space sample with ``prior_key`` ``(C, *spatial)`` and the condition keys.
@@ -171,6 +186,9 @@ def null_ehr_sample(
         max_rotation_deg: rotation bound (about every axis in 3D), degrees.
         max_shift: shift bound, voxels.
         max_gap_days: the gap is uniform in ``[0, max_gap_days]``.
+        prior_key: the prior image's key.
+        target_key: the target image's key (replaced).
+        base_key: the base forecast's key (replaced by the prior when present).
     """
     from monai.transforms import Affine
 
@@ -192,6 +210,8 @@ def null_ehr_sample(
     for key in DIFFUSION_OPTIONAL_KEYS:  # no interval events either
         if key in sample:
             out[key] = torch.zeros_like(torch.as_tensor(sample[key]))
+    if base_key in sample:
+        out[base_key] = prior.clone()
     return out
 
 
@@ -324,10 +344,12 @@ def train_diffusion_twin(
         scheduler: a MONAI scheduler (:func:`~monai_twin.inferers.make_scheduler`).
         samples: dicts with ``prior`` and ``target`` latents ``(C, *latent_spatial)`` and the
             :data:`~monai_twin.inferers.DIFFUSION_CONDITION_KEYS` tensors (null-EHR pairs included;
-            plus ``ehr_interval`` / ``ehr_interval_mask`` for a twin with ``interval_dim > 0``).
+            plus ``ehr_interval`` / ``ehr_interval_mask`` for a twin with ``interval_dim > 0``, and
+            ``base``, the latent of a base forecast, for a twin with ``base_forecast=True``).
         condition_dropout: probability of dropping a row's clinical context.
         fit_residual_scale: set ``network.residual_scale`` to the standard deviation of
-            ``target - prior`` over ``samples`` before training (only when it is > 0).
+            ``target - prior`` (``target - base`` with a base forecast) over ``samples`` before
+            training (only when it is > 0).
         ema_decay: ``> 0`` keeps an exponential moving average of the parameters, updated after
             every iteration (``decay`` ramps up as ``min(ema_decay, (1 + n) / (10 + n))`` over the
             first iterations), and loads it into ``network`` when training ends; ``0`` (default)
@@ -352,8 +374,15 @@ def train_diffusion_twin(
         raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
     if lr_schedule not in (None, "cosine"):
         raise ValueError(f"lr_schedule must be None or 'cosine', got {lr_schedule!r}.")
+    uses_base = bool(getattr(network, "base_forecast", False))
+    if uses_base != ("base" in samples[0]):
+        raise KeyError(
+            f"train_diffusion_twin: the twin has base_forecast={uses_base} but samples[0] "
+            f"{'has' if 'base' in samples[0] else 'has no'} 'base'."
+        )
+    reference = "base" if uses_base else "prior"
     if fit_residual_scale and float(network.residual_scale) > 0:
-        change = torch.stack([torch.as_tensor(s["target"]) - torch.as_tensor(s["prior"]) for s in samples])
+        change = torch.stack([torch.as_tensor(s["target"]) - torch.as_tensor(s[reference]) for s in samples])
         network.residual_scale.fill_(max(float(change.std()), 1e-3))
     torch.manual_seed(seed)
     loader = DataLoader(list(samples), batch_size=batch_size, shuffle=True, drop_last=len(samples) > batch_size)

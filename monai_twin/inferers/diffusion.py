@@ -141,6 +141,7 @@ class TwinDiffusionInferer(DiffusionInferer):
         guidance_scale: float = 1.0,
         eta: float = 0.0,
         generator: torch.Generator | None = None,
+        base: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Reverse diffusion from ``input_noise`` to the diffusion variable (a latent change or latent).
 
@@ -157,6 +158,7 @@ class TwinDiffusionInferer(DiffusionInferer):
                 ``input_noise``; ``> 0`` -- every step adds fresh noise of standard deviation
                 ``eta * sigma_t`` (1 = DDPM's posterior variance). DDIM schedulers only.
             generator: draws that step noise (the same seeded generator = the same step noise).
+            base: ``(B, C, *spatial)`` latent of a base forecast, for a twin with ``base_forecast=True``.
             verbose: tqdm progress bar over the steps.
 
         The positional arguments of MONAI's ``DiffusionInferer.sample`` that do not apply
@@ -193,8 +195,10 @@ class TwinDiffusionInferer(DiffusionInferer):
             drop = torch.ones(b, device=prior.device)
             context = torch.cat([context, diffusion_model.encode_condition(prior, **cond, drop_condition=drop)])
             prior_in = torch.cat([prior, prior])
+            base_in = None if base is None else torch.cat([base, base])
         else:
-            prior_in = prior
+            prior_in, base_in = prior, base
+        extra = {} if base_in is None else {"base": base_in}
         if _is_rflow(scheduler):
             scheduler.set_timesteps(
                 num_inference_steps, device=prior.device, input_img_size_numel=int(prior[0, 0].numel())
@@ -207,7 +211,7 @@ class TwinDiffusionInferer(DiffusionInferer):
         for t, t_next in _progress(list(zip(timesteps, next_timesteps)), verbose, "sampling"):
             x_in = torch.cat([x, x]) if guided else x
             t_batch = torch.full((x_in.shape[0],), int(t), device=x.device, dtype=torch.long)
-            out = diffusion_model(x_in, t_batch, prior=prior_in, context=context)
+            out = diffusion_model(x_in, t_batch, prior=prior_in, context=context, **extra)
             if guided:
                 out_c, out_u = out.chunk(2)
                 out = out_u + guidance_scale * (out_c - out_u)
@@ -239,6 +243,11 @@ class LatentTwinInferer(TwinDiffusionInferer):
         guidance_scale: default classifier-free guidance scale.
         eta: default DDIM ``eta`` (0: deterministic steps; ``> 0``: fresh noise at every step,
             drawn from a second stream seeded by ``seed``, so a what-if still shares every draw).
+
+    With a twin built with ``base_forecast=True``, :meth:`forecast` and :meth:`what_if` take the
+    image of a deterministic base forecast of the same target (``base_image=``, e.g. the ConvLSTM
+    twin's prediction): the samples decode as ``base + D(z) - D(z_base)`` and ``change_threshold``
+    floors the mean change from the base (the base forecast itself is kept as it is).
 
     Example::
 
@@ -297,6 +306,7 @@ class LatentTwinInferer(TwinDiffusionInferer):
         scheduler: Any = None,
         verbose: bool = False,
         eta: float | None = None,
+        base_image: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """``n_samples`` forecasts per item, their mean and per-voxel standard deviation.
 
@@ -310,6 +320,8 @@ class LatentTwinInferer(TwinDiffusionInferer):
             noise: explicit starting noise ``(n_samples, B, C, *latent_spatial)``; overrides ``seed``
                 for the starting noise (with ``eta > 0`` the step noise still follows ``seed``).
             eta: overrides the inferer's DDIM ``eta``.
+            base_image: ``(B, C, *spatial)`` a deterministic forecast of the same target, in the
+                target's frame (required by a twin with ``base_forecast=True``, refused otherwise).
 
         Returns:
             ``samples`` ``(n_samples, B, C, *spatial)``, ``mean`` and ``std`` ``(B, C, *spatial)``,
@@ -329,7 +341,16 @@ class LatentTwinInferer(TwinDiffusionInferer):
         for key in keys:
             if conditions[key].shape[0] != b:
                 raise ValueError(f"conditions[{key!r}] has batch size {conditions[key].shape[0]}, prior_image has {b}.")
+        uses_base = bool(getattr(diffusion_model, "base_forecast", False))
+        if uses_base != (base_image is not None):
+            raise ValueError(
+                "base_image= is required by a twin with base_forecast=True and refused by other twins "
+                f"(this twin: base_forecast={uses_base})."
+            )
+        if base_image is not None and base_image.shape != prior_image.shape:
+            raise ValueError(f"base_image {tuple(base_image.shape)} must match prior_image {tuple(prior_image.shape)}.")
         prior = self.encode(prior_image)
+        base = None if base_image is None else self.encode(base_image)
         if noise is None:
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
             noise = torch.randn((n_samples, *prior.shape), generator=generator).to(prior)
@@ -352,18 +373,21 @@ class LatentTwinInferer(TwinDiffusionInferer):
             guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
             eta=eta,
             generator=step_generator,
+            base=None if base is None else rep(base),
         )
-        latent = diffusion_model.from_diffusion(x, rep(prior))
+        latent = diffusion_model.from_diffusion(x, rep(prior), None if base is None else rep(base))
         images = self.decode(latent)
         residual = self.residual_decode and self.autoencoder is not None
+        # the reference the decoded change is added to: the prior scan, or the base forecast
+        ref_image, ref = (prior_image, prior) if base is None else (base_image, base)
         if residual:
-            images = rep(prior_image) + images - self.decode(rep(prior))
+            images = rep(ref_image) + images - self.decode(rep(ref))
         samples = images.reshape(n_samples, *prior_image.shape)
         std = samples.std(0, unbiased=True) if n_samples > 1 else torch.zeros_like(samples[0])
         mean = samples.mean(0)
         if residual and self.change_threshold > 0:
-            change = mean - prior_image
-            mean = prior_image + torch.where(change.abs() > self.change_threshold, change, torch.zeros_like(change))
+            change = mean - ref_image
+            mean = ref_image + torch.where(change.abs() > self.change_threshold, change, torch.zeros_like(change))
         return {"samples": samples, "mean": mean, "std": std, "noise": noise}
 
     @torch.no_grad()
@@ -375,9 +399,22 @@ class LatentTwinInferer(TwinDiffusionInferer):
         edited_conditions: Mapping[str, torch.Tensor],
         n_samples: int = 8,
         seed: int | None = 0,
+        base_image: torch.Tensor | None = None,
+        edited_base_image: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> dict[str, torch.Tensor]:
         """Forecast under the recorded and the edited conditions with the *same* noise.
+
+        Args:
+            prior_image: ``(B, C, *spatial)`` the last prior scan.
+            diffusion_model: the trained twin.
+            conditions: the recorded conditions (as :meth:`forecast`).
+            edited_conditions: the same keys under the edited events.
+            n_samples: samples per item.
+            seed: seeds the shared noise.
+            base_image: the base forecast under the recorded events (twins with ``base_forecast=True``).
+            edited_base_image: the base forecast under the edited events (default: ``base_image``).
+            kwargs: further :meth:`forecast` arguments.
 
         Returns:
             ``baseline`` and ``counterfactual`` (sample means), ``difference`` (their difference,
@@ -388,10 +425,19 @@ class LatentTwinInferer(TwinDiffusionInferer):
         eta = self.eta if kwargs.get("eta") is None else float(kwargs["eta"])
         if eta > 0 and seed is None:
             raise ValueError("what_if with eta > 0 needs a seed (the step noise must be shared).")
-        base = self.forecast(prior_image, diffusion_model, conditions, n_samples, seed, **kwargs)
+        if edited_base_image is None:
+            edited_base_image = base_image
+        base = self.forecast(prior_image, diffusion_model, conditions, n_samples, seed, base_image=base_image, **kwargs)
         kwargs.pop("noise", None)
         edit = self.forecast(
-            prior_image, diffusion_model, edited_conditions, n_samples, seed, noise=base["noise"], **kwargs
+            prior_image,
+            diffusion_model,
+            edited_conditions,
+            n_samples,
+            seed,
+            noise=base["noise"],
+            base_image=edited_base_image,
+            **kwargs,
         )
         paired = edit["samples"] - base["samples"]
         return {

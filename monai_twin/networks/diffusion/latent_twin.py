@@ -17,7 +17,13 @@ transformers with cross-attention); this module adds what a forecasting twin nee
 * ``drop_condition`` removes the clinical context per row (classifier-free guidance);
 * the diffusion variable is either the target latent (``residual_scale = 0``) or the change
   ``(z_target - z_prior) / residual_scale`` -- the default, because most of a follow-up scan is
-  the prior scan and a small change is what must be learned.
+  the prior scan and a small change is what must be learned;
+* optionally (``base_forecast=True``) the diffusion is *residual on a deterministic forecast*: a
+  base forecast of the same target (e.g. the ConvLSTM twin's, :class:`~monai_twin.networks.TwinForecaster`)
+  is encoded to a latent ``z_base``, concatenated as further channels, and the diffusion variable
+  becomes ``(z_target - z_base) / residual_scale``. The prior latent and the EHR tokens stay in the
+  condition; the samples then spread around the base forecast (what it gets wrong), and the
+  inferer decodes ``base + D(z) - D(z_base)``.
 
 The same class works in pixel space (``latent_channels`` = image channels, the "latent" is the
 image), which is how the benchmark compares latent and pixel-space sampling speed.
@@ -72,6 +78,9 @@ class LatentDiffusionTwin(nn.Module):
         interval_dim: ``F`` of ``ehr_interval`` (the interval features of the prior-scan -> target
             interval, see :func:`~monai_twin.engines.twin_conditions`); ``0`` (default) -- no
             interval path, the EHR reaches the denoiser through cross-attention only.
+        base_forecast: ``True`` -- the twin also takes ``base=`` (the latent of a deterministic
+            forecast of the same target) as input channels and diffuses ``(z_target - z_base) / residual_scale``;
+            ``False`` (default) -- the change from the prior latent.
 
     Example::
 
@@ -98,6 +107,7 @@ class LatentDiffusionTwin(nn.Module):
         patch_size: int = 2,
         residual_scale: float = 1.0,
         interval_dim: int = 0,
+        base_forecast: bool = False,
     ) -> None:
         super().__init__()
         from monai.networks.nets import DiffusionModelUNet
@@ -111,6 +121,7 @@ class LatentDiffusionTwin(nn.Module):
         if interval_dim < 0:
             raise ValueError(f"interval_dim must be >= 0, got {interval_dim}.")
         self.spatial_dims, self.latent_channels = spatial_dims, latent_channels
+        self.base_forecast = bool(base_forecast)
         self.interval_dim, self.static_dim, self.context_dim = int(interval_dim), int(static_dim), int(context_dim)
         self.condition = TwinConditionEncoder(
             spatial_dims,
@@ -125,7 +136,7 @@ class LatentDiffusionTwin(nn.Module):
         )
         self.denoiser = DiffusionModelUNet(
             spatial_dims=spatial_dims,
-            in_channels=2 * latent_channels,
+            in_channels=(3 if self.base_forecast else 2) * latent_channels,
             out_channels=latent_channels,
             num_res_blocks=num_res_blocks,
             channels=tuple(channels),
@@ -148,15 +159,28 @@ class LatentDiffusionTwin(nn.Module):
     # ---------------------------------------------------------------------------------------------
     # diffusion variable <-> target latent
 
-    def to_diffusion(self, target: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-        """Target latent -> the variable the model diffuses (the scaled change, or the target itself)."""
+    def to_diffusion(
+        self,
+        target: torch.Tensor,
+        prior: torch.Tensor,
+        base: Optional[torch.Tensor] = None,  # noqa: UP045
+    ) -> torch.Tensor:
+        """Target latent -> the variable the model diffuses (the scaled change from ``base`` if given,
+        else from ``prior``, or the target itself when ``residual_scale`` is 0)."""
         s = float(self.residual_scale)
-        return (target - prior) / s if s > 0 else target
+        reference = prior if base is None else base
+        return (target - reference) / s if s > 0 else target
 
-    def from_diffusion(self, x: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    def from_diffusion(
+        self,
+        x: torch.Tensor,
+        prior: torch.Tensor,
+        base: Optional[torch.Tensor] = None,  # noqa: UP045
+    ) -> torch.Tensor:
         """Inverse of :meth:`to_diffusion`."""
         s = float(self.residual_scale)
-        return prior + s * x if s > 0 else x
+        reference = prior if base is None else base
+        return reference + s * x if s > 0 else x
 
     # ---------------------------------------------------------------------------------------------
 
@@ -222,6 +246,7 @@ class LatentDiffusionTwin(nn.Module):
         context: Optional[torch.Tensor] = None,  # noqa: UP045
         ehr_interval: Optional[torch.Tensor] = None,  # noqa: UP045
         ehr_interval_mask: Optional[torch.Tensor] = None,  # noqa: UP045
+        base: Optional[torch.Tensor] = None,  # noqa: UP045
     ) -> torch.Tensor:
         """
         Args:
@@ -234,6 +259,7 @@ class LatentDiffusionTwin(nn.Module):
             drop_condition: ``(B,)`` 1 = drop the clinical context (classifier-free guidance).
             context: a precomputed :meth:`encode_condition` output; the EHR arguments are then unused.
             ehr_interval, ehr_interval_mask: ``(B, F)`` interval features and mask (``interval_dim > 0``).
+            base: ``(B, C, *spatial)`` latent of the base forecast (``base_forecast=True`` only).
 
         Returns:
             the model output ``(B, C, *spatial)`` (noise for DDPM/DDIM, velocity for RFlow).
@@ -243,6 +269,16 @@ class LatentDiffusionTwin(nn.Module):
         if prior.shape != x.shape:
             raise ValueError(f"prior {tuple(prior.shape)} and x {tuple(x.shape)} must have the same shape.")
         _check("timesteps", timesteps, 1, x.shape[0])
+        if self.base_forecast:
+            if base is None:
+                raise ValueError("LatentDiffusionTwin(base_forecast=True) needs base= (the base forecast's latent).")
+            if base.shape != x.shape:
+                raise ValueError(f"base {tuple(base.shape)} and x {tuple(x.shape)} must have the same shape.")
+            inputs = torch.cat([x, prior, base], dim=1)
+        elif base is not None:
+            raise ValueError("base= was given but the twin was built with base_forecast=False.")
+        else:
+            inputs = torch.cat([x, prior], dim=1)
         if context is None:
             missing = [
                 name
@@ -275,11 +311,11 @@ class LatentDiffusionTwin(nn.Module):
         elif context.shape[0] != x.shape[0]:
             raise ValueError(f"context has batch size {context.shape[0]}, x has {x.shape[0]}.")
         if self.interval_dim == 0:
-            return self.denoiser(torch.cat([x, prior], dim=1), timesteps, context=context)
+            return self.denoiser(inputs, timesteps, context=context)
         time_embed = self.denoiser.time_embed
         assert isinstance(time_embed, _TimeEmbeddingPlus)
         time_embed.extra = self.interval_to_time(context[:, -1])
         try:
-            return self.denoiser(torch.cat([x, prior], dim=1), timesteps, context=context)
+            return self.denoiser(inputs, timesteps, context=context)
         finally:
             time_embed.extra = None
