@@ -42,8 +42,10 @@ __all__ = [
     "RegisterVoxelMorph",
     "ScaledVxmPairwise",
     "build_voxelmorph",
+    "demons_fields",
     "displacement_smoothness",
     "load_voxelmorph",
+    "masked_ssim_loss",
     "save_voxelmorph",
     "testbed_pairs",
     "train_voxelmorph",
@@ -193,6 +195,36 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     return ((x - lo) / torch.clamp(hi - lo, min=1e-6)).clamp(-0.5, 1.5)
 
 
+def masked_ssim_loss(warped: torch.Tensor, fixed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``1 -`` the mean SSIM of ``warped`` against ``fixed`` over ``mask``, all ``(B, 1, *spatial)``.
+
+    The SSIM of :func:`monai_twin.metrics.ssim` (Wang et al. 2004, Gaussian window sigma 1.5
+    truncated at 3.5 sigma, ``data_range=1``), differentiable. The window is MONAI's
+    (:func:`monai.networks.layers.convutils.gaussian_1d`, sampled and normalised: scipy's), applied
+    separably as weighted sums of shifted views over the valid region only -- on one CPU thread about
+    twice as fast as :func:`monai.networks.layers.separable_filtering` and six times as fast as the
+    dense window of :func:`monai.metrics.regression.compute_ssim_and_cs`. Like the metric it drops
+    the border where the window reaches past the image, and it averages over the masked voxels of
+    the whole batch: the loss rewards what the benchmark's SSIM over breast tissue measures.
+    """
+    from monai.networks.layers.convutils import gaussian_1d
+
+    kernel = gaussian_1d(torch.tensor(1.5), truncated=3.5, approx="sampled", normalize=True).tolist()
+    taps, radius = len(kernel), (len(kernel) - 1) // 2
+    # the five local moments in one stack (B, 5, *spatial), each blurred axis by axis
+    moments = torch.cat([warped, fixed, warped * warped, fixed * fixed, warped * fixed], 1)
+    for axis in range(2, moments.ndim):
+        size = moments.shape[axis] - taps + 1
+        moments = sum(w * moments.narrow(axis, i, size) for i, w in enumerate(kernel))
+    mu_x, mu_y, xx, yy, xy = moments.unbind(1)
+    var_x, var_y, cov = xx - mu_x * mu_x, yy - mu_y * mu_y, xy - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
+    smap = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    crop = (slice(None), 0, *[slice(radius, n - radius) for n in warped.shape[2:]])
+    weight = mask[crop].to(smap.dtype)
+    return 1.0 - (smap * weight).sum() / weight.sum().clamp(min=1.0)
+
+
 def _warp(image: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
     """``image (B, C, *spatial)`` pulled back through voxel displacements ``(B, ndim, *spatial)``."""
     import torch.nn.functional as F
@@ -221,6 +253,10 @@ def train_voxelmorph(
     pooling: str = "average",
     similarity: float = 1.0,
     fine_similarity: float = 0.0,
+    fine_ssim: float = 0.0,
+    ssim_crop: int = 0,
+    teacher_fields: Sequence[np.ndarray] | np.ndarray | None = None,
+    distill: float = 0.0,
     seed: int = 0,
     identity_fraction: float = 0.0,
     flip_axes: Sequence[int] = (),
@@ -260,6 +296,15 @@ def train_voxelmorph(
             with the full-resolution fixed image (mean squared difference of normalised intensities).
             The coarse term cannot see a misalignment finer than the pooling; this one can, and it is
             what SSIM over the registered image rewards.
+        fine_ssim: weight of ``1 -`` SSIM between the same full-resolution warped moving and fixed
+            images, over the voxels where the normalised fixed image exceeds 0.05 (see :func:`masked_ssim_loss`).
+        ssim_crop: side of the square (cube) window of the full-resolution grid the SSIM term is computed
+            on, at a random position each step (0: the whole grid); a 128 window of a 256^2 image is
+            about four times cheaper.
+        teacher_fields: one pull-back displacement in voxels ``(ndim, H, W[, D])`` per pair, e.g. the
+            classical step's fields from :func:`demons_fields` (distillation); identity pairs get zero.
+        distill: weight of the squared error to ``teacher_fields`` where the image has content (as the
+            supervised term), on the coarse grid.
         seed: torch and numpy seed (initialisation and batch order).
         identity_fraction: adds ``round(identity_fraction * len(pairs))`` pairs of a fixed image
             against itself with a zero true field (an unchanged follow-up), so the model does not
@@ -284,6 +329,12 @@ def train_voxelmorph(
         raise ValueError(f"all pairs must share one {spatial_dims}D shape, got {sorted(shapes)}.")
     if supervised > 0 and any(p[2] is None for p in pairs):
         raise ValueError("supervised > 0 needs a true field in every pair.")
+    if distill > 0 and (teacher_fields is None or len(teacher_fields) != len(pairs)):
+        raise ValueError("distill > 0 needs teacher_fields, one per pair.")
+    if teacher_fields is not None and any(
+        np.shape(t) != (spatial_dims, *np.shape(pairs[0][0])) for t in teacher_fields
+    ):
+        raise ValueError(f"teacher_fields must be ({spatial_dims}, *spatial) displacements, one per pair.")
     if identity_fraction < 0:
         raise ValueError(f"identity_fraction must be >= 0, got {identity_fraction}.")
     flip_axes = tuple(int(a) for a in flip_axes)
@@ -300,6 +351,8 @@ def train_voxelmorph(
         picks = np.linspace(0, n_changed - 1, n_identity).round().astype(int)
         zero = None if pairs[0][2] is None else np.zeros_like(pairs[0][2])
         pairs = [*pairs, *[(pairs[i][1], pairs[i][1], zero) for i in picks]]
+        if teacher_fields is not None:
+            teacher_fields = [*teacher_fields, *[np.zeros_like(teacher_fields[0])] * n_identity]
     model = build_voxelmorph(spatial_dims, nb_features, integration_steps, scale, pooling)
     if initial_state is not None:
         model.load_state_dict(initial_state)
@@ -312,12 +365,21 @@ def train_voxelmorph(
         source, target = model.network_input(moving_full, fixed_full)
         moving, fixed = model.coarse(moving_full), model.coarse(fixed_full)
         # full-resolution images only for the fine term, padded like the network's input
-        moving_full, fixed_full = (
-            (model._pad(moving_full), model._pad(fixed_full)) if fine_similarity > 0 else (None, None)
-        )
-        fields = None
+        fine = fine_similarity > 0 or fine_ssim > 0
+        moving_full, fixed_full = (model._pad(moving_full), model._pad(fixed_full)) if fine else (None, None)
+        fields = teachers = None
         if supervised > 0:
             fields = model.coarse(torch.as_tensor(np.stack([p[2] for p in pairs]), dtype=torch.float32)) / model.scale
+        if distill > 0:
+            teachers = (
+                torch.cat(
+                    [  # pooled in chunks: the full-resolution stack of a large cohort is big
+                        model.coarse(torch.as_tensor(np.stack(teacher_fields[i : i + 256]), dtype=torch.float32))
+                        for i in range(0, len(pairs), 256)
+                    ]
+                )
+                / model.scale
+            )
     net = model.vxm
     optimiser = torch.optim.Adam(model.parameters(), lr=learning_rate)
     schedule = torch.optim.lr_scheduler.MultiStepLR(
@@ -329,6 +391,7 @@ def train_voxelmorph(
         idx = torch.as_tensor(rng.choice(len(pairs), size=min(batch_size, len(pairs)), replace=False))
         b_src, b_tgt, b_mov, b_fix = source[idx], target[idx], moving[idx], fixed[idx]
         b_field = None if fields is None else fields[idx]
+        b_teacher = None if teachers is None else teachers[idx]
         b_mov_full = None if moving_full is None else moving_full[idx]
         b_fix_full = None if fixed_full is None else fixed_full[idx]
         for axis in flip_axes:
@@ -337,22 +400,34 @@ def train_voxelmorph(
                 b_src, b_tgt, b_mov, b_fix = (t.flip(dims) for t in (b_src, b_tgt, b_mov, b_fix))
                 if b_mov_full is not None:
                     b_mov_full, b_fix_full = b_mov_full.flip(dims), b_fix_full.flip(dims)
+                sign = torch.ones(spatial_dims).reshape(1, -1, *([1] * spatial_dims))
+                sign[:, axis] = -1.0
                 if b_field is not None:
-                    sign = torch.ones(spatial_dims, dtype=b_field.dtype)
-                    sign[axis] = -1.0
-                    b_field = b_field.flip(dims) * sign.reshape(1, -1, *([1] * spatial_dims))
+                    b_field = b_field.flip(dims) * sign
+                if b_teacher is not None:
+                    b_teacher = b_teacher.flip(dims) * sign
         disp = net(b_src, b_tgt)
         warped = _warp(b_mov, disp)
         loss = similarity * torch.mean((warped - b_fix) ** 2) + smoothness * displacement_smoothness(disp)
         if b_mov_full is not None:
-            fine = model.upsample(disp)
-            loss = loss + fine_similarity * torch.mean((_warp(b_mov_full, fine) - b_fix_full) ** 2)
-        if b_field is not None:
-            # the true field is only recoverable where the image has content: in the air around a
-            # breast it is arbitrary and would dominate the loss
-            content = (b_fix > 0.05).to(disp.dtype)
-            error = ((disp - b_field) ** 2).sum(1, keepdim=True)
-            loss = loss + supervised * (error * content).sum() / content.sum().clamp(min=1.0)
+            warped_full = _warp(b_mov_full, model.upsample(disp))
+            if fine_similarity > 0:
+                loss = loss + fine_similarity * torch.mean((warped_full - b_fix_full) ** 2)
+            if fine_ssim > 0:
+                window = (slice(None), slice(None))
+                for n in warped_full.shape[2:]:
+                    side = min(n, ssim_crop) if ssim_crop > 0 else n
+                    first = int(rng.integers(0, n - side + 1))
+                    window += (slice(first, first + side),)
+                w_fix = b_fix_full[window]
+                loss = loss + fine_ssim * masked_ssim_loss(warped_full[window], w_fix, w_fix > 0.05)
+        # a field is only recoverable where the image has content: in the air around a breast it is
+        # arbitrary and would dominate the loss
+        content = (b_fix > 0.05).to(disp.dtype)
+        for weight, reference in ((supervised, b_field), (distill, b_teacher)):
+            if reference is not None:
+                error = ((disp - reference) ** 2).sum(1, keepdim=True)
+                loss = loss + weight * (error * content).sum() / content.sum().clamp(min=1.0)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -383,6 +458,9 @@ def train_voxelmorph(
             "learning_rate": float(learning_rate),
             "similarity": float(similarity),
             "fine_similarity": float(fine_similarity),
+            "fine_ssim": float(fine_ssim),
+            "ssim_crop": int(ssim_crop),
+            "distill": float(distill),
             "smoothness": float(smoothness),
             "supervised": float(supervised),
             "seed": int(seed),
@@ -600,19 +678,51 @@ def _ssim_gain(registered: np.ndarray, moving: np.ndarray, fixed: np.ndarray) ->
     return ssim(registered, fixed, data_range=1.0, mask=tissue) - ssim(moving, fixed, data_range=1.0, mask=tissue)
 
 
+def _demons_step(moving: np.ndarray, fixed: np.ndarray, spacing: float) -> MetaTensor:
+    """The default fast-symmetric demons step (SimpleITK through :class:`~.array.Register`, one
+    thread) on one pre-aligned pair with isotropic pixel ``spacing`` in mm, as the benchmark runs it."""
+    step = Register(stages=("fast_symmetric_demons",), num_threads=1)
+    affine = torch.diag(torch.tensor([spacing] * moving.ndim + [1.0] * (4 - moving.ndim), dtype=torch.float64))
+    return step(
+        MetaTensor(torch.as_tensor(moving)[None], affine=affine),
+        MetaTensor(torch.as_tensor(fixed)[None], affine=affine),
+    )
+
+
 def _demons_gains(pairs: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], spacing: float) -> list[float]:
     """SSIM gain of the default fast-symmetric demons step (one thread) on each pre-aligned pair
     (isotropic pixel ``spacing`` in mm, as the benchmark passes it)."""
-    gains = []
-    for moving, fixed, _ in pairs:
-        step = Register(stages=("fast_symmetric_demons",), num_threads=1)
-        affine = torch.diag(torch.tensor([spacing] * moving.ndim + [1.0] * (4 - moving.ndim), dtype=torch.float64))
-        out = step(
-            MetaTensor(torch.as_tensor(moving)[None], affine=affine),
-            MetaTensor(torch.as_tensor(fixed)[None], affine=affine),
-        )
-        gains.append(_ssim_gain(out[0].numpy(), moving, fixed))
-    return gains
+    return [_ssim_gain(_demons_step(moving, fixed, spacing)[0].numpy(), moving, fixed) for moving, fixed, _ in pairs]
+
+
+def demons_fields(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray, Any]], spacing: float, log_every: int = 0
+) -> np.ndarray:
+    """Pull-back displacements (voxels) of the classical deformable step on each pre-aligned pair.
+
+    The teacher of the distillation term of :func:`train_voxelmorph`: the default fast-symmetric
+    demons step (SimpleITK, through :class:`~.array.Register`, one thread) run on ``(moving, fixed)``
+    with isotropic pixel ``spacing`` in mm, its field read back with
+    :func:`~.array.registration_displacement` (``registered(p) = moving(p + d(p))``).
+
+    Args:
+        pairs: ``(moving, fixed, anything)`` with spatial arrays ``(H, W[, D])`` of one shape.
+        spacing: isotropic pixel spacing in mm (the demons step's smoothing is in physical units).
+        log_every: print progress every so many pairs (0 = silent).
+
+    Returns:
+        ``(len(pairs), ndim, H, W[, D])`` float32.
+    """
+    from .array import registration_displacement
+
+    start = time.perf_counter()
+    fields = []
+    for i, (moving, fixed, *_) in enumerate(pairs):
+        out = _demons_step(np.asarray(moving, dtype=np.float32), np.asarray(fixed, dtype=np.float32), spacing)
+        fields.append(registration_displacement(out, space="voxel").numpy().astype(np.float32))
+        if log_every and (i + 1) % log_every == 0:
+            print(f"  demons field {i + 1}/{len(pairs)} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return np.stack(fields)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -644,6 +754,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--fine-similarity", type=float, default=0.0, help="weight of the image term at full resolution"
     )
+    parser.add_argument(
+        "--fine-ssim", type=float, default=0.0, help="weight of 1 - SSIM over tissue at full resolution"
+    )
+    parser.add_argument(
+        "--distill",
+        type=float,
+        default=0.0,
+        help="weight of the squared error to the demons step's field on each training pair (distillation)",
+    )
+    parser.add_argument(
+        "--teacher-cache",
+        nargs="*",
+        default=[],
+        help=".npz of the demons fields of the training pairs, one per cohort seed: written on the first run, then read",
+    )
+    parser.add_argument(
+        "--ssim-crop", type=int, default=0, help="random window of the SSIM term, voxels per side (0: all)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--seed", type=int, default=0, help="torch seed")
     parser.add_argument(
@@ -673,18 +801,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--subjects needs one count per --cohort-seed")
     if args.cache and len(args.cache) != len(args.cohort_seed):
         parser.error("--cache needs one file per --cohort-seed")
+    if args.teacher_cache and len(args.teacher_cache) != len(args.cohort_seed):
+        parser.error("--teacher-cache needs one file per --cohort-seed")
     if 0 in args.cohort_seed or len(set(args.cohort_seed)) != len(args.cohort_seed):
         parser.error("--cohort-seed must list distinct seeds other than the benchmark cohort's (0)")
     if args.val_subjects and args.val_seed in (0, *args.cohort_seed):
         parser.error("--val-seed must differ from the training cohorts and from the benchmark cohort (seed 0)")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    pairs = []
+    pairs, counts = [], []
     for i, (n_subjects, cohort_seed) in enumerate(zip(args.subjects, args.cohort_seed)):
         cache = Path(args.cache[i]) if args.cache else None
         if cache is not None and cache.is_file():
             with np.load(cache) as data:
-                pairs += list(zip(data["moving"], data["fixed"], data["field"]))
+                cohort = list(zip(data["moving"], data["fixed"], data["field"]))
+            pairs += cohort
+            counts.append(len(cohort))
             continue
         cohort = testbed_pairs(args.kind, n_subjects, seed=cohort_seed, visits_per_subject=args.visits)
         if cache is not None:
@@ -695,7 +827,29 @@ def main(argv: Sequence[str] | None = None) -> None:
                 field=np.stack([p[2] for p in cohort]),
             )
         pairs += cohort
+        counts.append(len(cohort))
     print(f"{len(pairs)} pairs prepared in {time.perf_counter() - start:.0f} s", flush=True)
+    teacher_fields = None
+    if args.distill > 0:
+        from monai_twin.data.synthetic.cohort import simulate_subject
+
+        # the classical deformable step on every training pair: the field whose SSIM gain is the target
+        teacher_fields, offset = [], 0
+        for i, (n_pairs, cohort_seed) in enumerate(zip(counts, args.cohort_seed)):
+            cache = Path(args.teacher_cache[i]) if args.teacher_cache else None
+            if cache is not None and cache.is_file():
+                with np.load(cache) as data:
+                    fields = data["field"]
+            else:
+                spacing = simulate_subject(args.kind, 0, seed=cohort_seed).config.spacing
+                fields = demons_fields(pairs[offset : offset + n_pairs], spacing, log_every=100)
+                if cache is not None:
+                    np.savez(cache, field=fields)
+            if len(fields) != n_pairs:
+                parser.error(f"{cache} holds {len(fields)} fields for {n_pairs} pairs of cohort seed {cohort_seed}")
+            teacher_fields += list(fields)
+            offset += n_pairs
+        print(f"demons fields of {len(teacher_fields)} pairs ready ({time.perf_counter() - start:.0f} s)", flush=True)
     callback, validation, best = None, [], {}
     if args.keep_best and not args.val_subjects:
         parser.error("--keep-best needs --val-subjects")
@@ -748,6 +902,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         pooling=args.pooling,
         similarity=args.similarity,
         fine_similarity=args.fine_similarity,
+        fine_ssim=args.fine_ssim,
+        ssim_crop=args.ssim_crop,
+        teacher_fields=teacher_fields,
+        distill=args.distill,
         seed=args.seed,
         identity_fraction=args.identity_fraction,
         flip_axes=args.flip_axes,

@@ -16,8 +16,10 @@ from monai_twin.transforms.registration.learned import (
     RegisterVoxelMorph,
     _normalise,
     build_voxelmorph,
+    demons_fields,
     displacement_smoothness,
     load_voxelmorph,
+    masked_ssim_loss,
     train_voxelmorph,
 )
 
@@ -238,6 +240,110 @@ class TestVoxelMorph(unittest.TestCase):
             train_voxelmorph(pairs, 2, steps=1, flip_axes=(2,))
         with self.assertRaisesRegex(ValueError, "pooling='average'"):
             train_voxelmorph(pairs, 2, steps=1, scale=2, pooling="unshuffle", flip_axes=(0,))
+
+
+class TestDistillationAndSSIM(unittest.TestCase):
+    """The classical step as a teacher, and the SSIM image term."""
+
+    def setUp(self):
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def tearDown(self):
+        torch.set_num_threads(self._threads)
+
+    def test_demons_fields_recover_the_shift(self):
+        pairs = _pairs(2)
+        fields = demons_fields(pairs, spacing=1.5)
+        self.assertEqual(fields.shape, (2, 2, *SHAPE))
+        self.assertEqual(fields.dtype, np.float32)
+        # the pull-back of the shifted anatomy: +SHIFT / 1.5 voxels, where the phantom has structure
+        inner = fields[:, :, 10:-10, 10:-10].mean((0, 2, 3))
+        np.testing.assert_allclose(inner, SHIFT / 1.5, atol=0.25)
+
+    def test_masked_ssim_loss_matches_the_benchmark_metric(self):
+        from monai_twin.metrics import ssim
+
+        rng = np.random.default_rng(0)
+        a = rng.random((40, 36)).astype(np.float32)
+        b = (0.7 * a + 0.3 * rng.random((40, 36))).astype(np.float32)
+        mask = np.zeros((40, 36), bool)
+        mask[8:30, 6:26] = True
+        loss = masked_ssim_loss(
+            torch.as_tensor(a)[None, None], torch.as_tensor(b)[None, None], torch.as_tensor(mask)[None, None]
+        )
+        self.assertAlmostEqual(1.0 - float(loss), ssim(a, b, data_range=1.0, mask=mask), places=4)
+        same = masked_ssim_loss(
+            torch.as_tensor(b)[None, None], torch.as_tensor(b)[None, None], torch.ones(1, 1, 40, 36)
+        )
+        self.assertAlmostEqual(float(same), 0.0, places=5)
+
+    def test_distillation_alone_learns_the_teacher_field(self):
+        # no image term, no true field: the teacher's field (here the opposite of the true shift, so
+        # the model can only have learned it from the teacher) is what the model reproduces
+        pairs = [(m, f, None) for m, f, _ in _pairs()]
+        teacher = np.broadcast_to((-SHIFT / 1.5).reshape(2, 1, 1), (2, *SHAPE)).astype(np.float32)
+        torch.manual_seed(0)
+        result = train_voxelmorph(
+            pairs,
+            2,
+            steps=80,
+            batch_size=3,
+            learning_rate=3e-3,
+            similarity=0.0,
+            smoothness=0.0,
+            teacher_fields=[teacher] * len(pairs),
+            distill=1.0,
+            nb_features=(8, 8, 8),
+            log_every=0,
+        )
+        self.assertEqual(result["config"]["training"]["distill"], 1.0)
+        with torch.no_grad():
+            m, f = pairs[0][0], pairs[0][1]
+            pair = _normalise(torch.as_tensor(np.stack([m, f]))[:, None])
+            disp = result["model"](pair[:1], pair[1:])[0, :, 10:-10, 10:-10].mean((1, 2)).numpy()
+        np.testing.assert_allclose(disp, -SHIFT / 1.5, atol=0.3)
+        # identity pairs get a zero teacher field, mirrored batches a mirrored one
+        mixed = train_voxelmorph(
+            pairs,
+            2,
+            steps=2,
+            batch_size=4,
+            teacher_fields=[teacher] * len(pairs),
+            distill=1.0,
+            nb_features=(4, 4),
+            identity_fraction=0.5,
+            flip_axes=(0, 1),
+            log_every=0,
+        )
+        self.assertEqual(mixed["config"]["training"]["identity_pairs"], 3)
+        self.assertTrue(np.isfinite(mixed["losses"]).all())
+        with self.assertRaisesRegex(ValueError, "teacher_fields"):
+            train_voxelmorph(pairs, 2, steps=1, distill=1.0)
+        with self.assertRaisesRegex(ValueError, "teacher_fields"):
+            train_voxelmorph(pairs, 2, steps=1, distill=1.0, teacher_fields=[teacher[:1]] * len(pairs))
+
+    def test_full_resolution_ssim_term_alone_learns_the_shift(self):
+        torch.manual_seed(0)
+        result = train_voxelmorph(
+            [(m, f, None) for m, f, _ in _pairs()],
+            2,
+            steps=120,
+            batch_size=3,
+            learning_rate=3e-3,
+            similarity=0.0,
+            fine_ssim=1.0,
+            smoothness=0.01,
+            nb_features=(8, 8),
+            scale=2,
+            log_every=0,
+        )
+        self.assertEqual(result["config"]["training"]["fine_ssim"], 1.0)
+        self.assertLess(np.mean(result["losses"][-10:]), 0.6 * np.mean(result["losses"][:10]))
+        moving = phantom(SHAPE, AFFINE, lambda y: y - SHIFT.reshape(2, 1, 1))
+        out = RegisterVoxelMorph(result["model"])(moving, phantom(SHAPE, AFFINE))
+        field = registration_displacement(out, space="world")[:, 8:-8, 8:-8].mean((1, 2)).numpy()
+        np.testing.assert_allclose(field, SHIFT, atol=0.4)
 
 
 BUNDLES = Path(__file__).resolve().parents[3] / "bundles"
