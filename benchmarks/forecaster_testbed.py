@@ -11,8 +11,13 @@ reports on the held-out subjects:
 * PSNR / SSIM / MSE of the twin and of copy-last on *changed* and *unchanged* target visits (the
   issue's bar: PSNR >= copy-last + 2 dB on changed, >= copy-last - 0.3 dB on unchanged);
 * lesion-size error (mammo2d): |predicted - true| change of lesion area since the last scan, the
-  area change read from the image as the intensity mass gained (calibrated by least squares on
-  the training subjects' consecutive visits); copy-last predicts no change;
+  area change read from the image as the intensity mass gained *in the lesion's region* (the
+  simulator's lesion masks of the last prior and the target visit, mapped to the subject's frame,
+  united and dilated by ``LESION_MARGIN`` pixels), calibrated by least squares on the training
+  subjects' consecutive visits; copy-last predicts no change. The region matters: over the whole
+  image the mass also moves with the breast's density, which falls with age, so a forecast that
+  gets the density right is charged for it (read over the whole image, the acquired target itself
+  misses the true area change by more than copy-last does on the unchanged visits);
 * future-EHR MAE (CA 15-3 / MMSE in their units) of the EHR head vs last-value-carried-forward;
 * the ceiling: PSNR of the simulator's noise-free render of each true target scan, against
   copy-last (run with ``--conditioning`` and no names for this and the cohort figures alone);
@@ -24,6 +29,9 @@ reports on the held-out subjects:
 Usage::
 
     python benchmarks/forecaster_testbed.py --subjects 160 --size 64 --epochs 30 --conditioning stfilm film channels none
+
+``--load PATH`` evaluates saved network weights (a ``network_key_metric*.pt`` of an earlier run
+with the same options and one conditioning) instead of training.
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ import torch
 KEYS = ("history", "times", "history_mask", "ehr_intervals", "ehr_intervals_mask", "ehr_static")
 FUTURE_CODE = {"mammo2d": "LAB//CA15-3", "mri_roi3d": "SCORE//MMSE"}
 WHAT_IF_DOSES = (0.0, 40.0)
+#: pixels added around the two visits' lesion masks for the lesion-size reader
+LESION_MARGIN = 3
 
 
 def _aligned_images(cohort: Path) -> dict[tuple[str, int], np.ndarray]:
@@ -57,6 +67,30 @@ def _aligned_images(cohort: Path) -> dict[tuple[str, int], np.ndarray]:
         aligned = invert_acquisition(acquired, AcquisitionTransform.from_dict(row.acquisition))
         out[(row.subject_id, int(row.visit))] = np.clip(aligned, 0.0, 1.0).astype(np.float32)
     return out
+
+
+def _lesion_regions(cohort: Path) -> dict[tuple[str, int], np.ndarray]:
+    """For each visit after the first, where the lesion-size reader counts intensity mass: the
+    simulator's lesion masks of the visit and the one before it, mapped back to the subject's frame
+    (as :func:`_aligned_images` does for the scans), united and dilated by ``LESION_MARGIN``."""
+    import nibabel as nib
+    import pandas as pd
+    from scipy import ndimage
+
+    from monai_twin.data.synthetic import AcquisitionTransform, invert_acquisition
+
+    truth = pd.read_parquet(cohort / "truth.parquet")
+    masks = {}
+    for row in truth.itertuples():
+        acquired = np.asarray(nib.load(str(cohort / row.mask)).get_fdata(dtype=np.float32))
+        masks[(row.subject_id, int(row.visit))] = (
+            invert_acquisition(acquired, AcquisitionTransform.from_dict(row.acquisition)) > 0.5
+        )
+    return {
+        (sid, v): ndimage.binary_dilation(masks[(sid, v)] | masks[(sid, v - 1)], iterations=LESION_MARGIN)
+        for sid, v in masks
+        if (sid, v - 1) in masks
+    }
 
 
 def _encoders(vocabulary, max_history, carry_forward=False, future_code=None, cumulative_exposure=False):
@@ -104,15 +138,17 @@ def _last_prior(batch):
     return batch["history"][torch.arange(len(idx)), idx]
 
 
-def _area_scale(samples, truth, spacing_mm2):
-    """mm² of lesion area per unit of intensity mass gained between consecutive scans (least squares)."""
+def _area_scale(samples, truth, spacing_mm2, regions):
+    """mm² of lesion area per unit of intensity mass gained in the lesion region between consecutive
+    scans (least squares)."""
     mass, change = [], []
     for s in samples:
         if s["history_mask"].sum() < 1:
             continue
         last = _last_prior({k: s[k][None] for k in ("history", "history_mask")})[0]
         key, j = s["subject_id"], s["target_index"]
-        mass.append(float((s["target"] - last).sum()) * spacing_mm2)
+        region = torch.as_tensor(regions[(key, j)])
+        mass.append(float((s["target"] - last)[:, region].sum()) * spacing_mm2)
         change.append(truth[(key, j)] - truth[(key, j - 1)])
     mass, change = np.asarray(mass), np.asarray(change)
     return float(mass @ change / max(mass @ mass, 1e-12))
@@ -157,7 +193,7 @@ def _forecast(net, batch):
     return image.clamp(0, 1), future
 
 
-def _evaluate(net, samples, changed, area, scale, spacing_mm2, locf_units, batch_size=16):
+def _evaluate(net, samples, changed, area, regions, scale, spacing_mm2, locf_units, batch_size=16):
     import pandas as pd
     from monai.metrics import PSNRMetric, SSIMMetric
 
@@ -174,10 +210,12 @@ def _evaluate(net, samples, changed, area, scale, spacing_mm2, locf_units, batch
             p = psnr(image, batch["target"]).reshape(-1).tolist()
             s = ssim(image, batch["target"]).reshape(-1).tolist()
             m = ((image - batch["target"]) ** 2).flatten(1).mean(1).tolist()
-            gained = ((image - last).flatten(1).sum(1) * spacing_mm2 * scale).tolist()
-            for sample, pv, sv, mv, g in zip(chunk, p, s, m, gained):
+            for sample, difference, pv, sv, mv in zip(chunk, image - last, p, s, m):
                 key = (sample["subject_id"], sample["target_index"])
-                true_change = area[key] - area[(key[0], key[1] - 1)] if area else np.nan
+                true_change, g = np.nan, np.nan
+                if area:
+                    true_change = area[key] - area[(key[0], key[1] - 1)]
+                    g = float(difference[:, torch.as_tensor(regions[key])].sum()) * spacing_mm2 * scale
                 rows.append(
                     {
                         "model": name,
@@ -250,6 +288,33 @@ def _what_if(net, manifest, cohort, subjects, images, encode, scale, spacing_mm2
     return pairs
 
 
+def _train(net, loaders, work: Path, conditioning: str, args) -> str:
+    """Train ``net`` in a fresh run folder, load its best validation checkpoint, say what was done."""
+    from monai_twin.engines import train_forecaster
+
+    run_dir = Path(tempfile.mkdtemp(dir=work, prefix=f"run_{args.kind}_{conditioning}_"))  # fresh checkpoints
+    trainer = train_forecaster(
+        net,
+        *loaders,
+        output_dir=run_dir,
+        max_epochs=args.epochs,
+        learning_rate=args.lr,
+        lr_schedule=None if args.lr_schedule == "none" else args.lr_schedule,
+        ssim_weight=args.ssim_weight,
+        ehr_weight=args.ehr_weight,
+        val_interval=max(1, args.epochs // 5),
+        progress=False,
+    )
+    best = sorted((run_dir / "checkpoints").glob("network_key_metric*.pt"))
+    if best:
+        net.load_state_dict(torch.load(best[-1], weights_only=True))
+    state = trainer.evaluator.state
+    return (
+        f"{args.epochs} epochs, best val PSNR {state.best_metric:.2f} dB at epoch {state.best_metric_epoch}, "
+        f"weights in {run_dir}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kind", default="mammo2d", choices=("mammo2d", "mri_roi3d"))
@@ -285,6 +350,7 @@ def main() -> None:
     )
     parser.add_argument("--workdir", default=None, help="where cohorts/runs go (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--load", default=None, help="evaluate these saved network weights instead of training")
     args = parser.parse_args()
 
     import pandas as pd
@@ -292,7 +358,6 @@ def main() -> None:
 
     from monai_twin.data import build_longitudinal_items, load_manifest, split_subjects
     from monai_twin.data.synthetic import Mammo2DConfig, MRIROI3DConfig, write_cohort
-    from monai_twin.engines import train_forecaster
     from monai_twin.networks import TwinForecaster
     from monai_twin.transforms.ehr import EHRFutureValues, EHRToIntervalFeatures, EHRVocabulary
 
@@ -306,9 +371,10 @@ def main() -> None:
     images = _aligned_images(cohort)
     truth = pd.read_parquet(cohort / "truth.parquet")
     changed = {(r.subject_id, int(r.visit)): bool(r.changed) for r in truth.itertuples() if not pd.isna(r.changed)}
-    area = {}
+    area, regions = {}, {}
     if args.kind == "mammo2d":
         area = {(r.subject_id, int(r.visit)): float(r.lesion_area_mm2) for r in truth.itertuples()}
+        regions = _lesion_regions(cohort)
     spacing = config.spacing if args.kind == "mammo2d" else config.spacing_mm
     voxel = float(spacing ** (2 if args.kind == "mammo2d" else 3))  # mm² per pixel / mm³ per voxel
     split = split_subjects(manifest.subjects, (0.7, 0.15, 0.15), seed=args.seed)
@@ -327,7 +393,7 @@ def main() -> None:
         )
         for name in ("training", "validation", "test")
     }
-    scale = _area_scale(data["training"], area, voxel) if area else 0.0
+    scale = _area_scale(data["training"], area, voxel, regions) if area else 0.0
     units = EHRFutureValues(vocabulary, [future_code]).denormalise
     print(
         f"cohort ready in {time.perf_counter() - start:.0f} s: {len(data['training'])} training / "
@@ -377,28 +443,14 @@ def main() -> None:
             for name in ("training", "validation")
         ]
         t0 = time.perf_counter()
-        run_dir = Path(tempfile.mkdtemp(dir=work, prefix=f"run_{args.kind}_{conditioning}_"))  # fresh checkpoints
-        trainer = train_forecaster(
-            net,
-            *loaders,
-            output_dir=run_dir,
-            max_epochs=args.epochs,
-            learning_rate=args.lr,
-            lr_schedule=None if args.lr_schedule == "none" else args.lr_schedule,
-            ssim_weight=args.ssim_weight,
-            ehr_weight=args.ehr_weight,
-            val_interval=max(1, args.epochs // 5),
-            progress=False,
-        )
-        best = sorted((run_dir / "checkpoints").glob("network_key_metric*.pt"))
-        if best:
-            net.load_state_dict(torch.load(best[-1], weights_only=True))
-        table, ehr = _evaluate(net, data["test"], changed, area, scale, voxel, units)
+        if args.load:
+            net.load_state_dict(torch.load(args.load, weights_only=True))
+            trained = f"weights loaded from {args.load}"
+        else:
+            trained = _train(net, loaders, work, conditioning, args)
+        table, ehr = _evaluate(net, data["test"], changed, area, regions, scale, voxel, units)
         seconds = time.perf_counter() - t0
-        print(
-            f"\n== conditioning={conditioning} ({args.epochs} epochs in {seconds:.0f} s, best val PSNR "
-            f"{trainer.evaluator.state.best_metric:.2f} dB at epoch {trainer.evaluator.state.best_metric_epoch})"
-        )
+        print(f"\n== conditioning={conditioning} ({trained}; {seconds:.0f} s in all)")
         print(table.round(4).to_string())
         row = {"seconds": seconds}
         for flag, label in ((True, "changed"), (False, "unchanged")):
