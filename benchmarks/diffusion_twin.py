@@ -35,6 +35,16 @@ Usage (the configuration of the diffusion guide)::
 Defaults: the interval EHR path, clean-sample prediction and a 0.02 floor on the decoded change;
 ``--ehr-path crossattn --prediction epsilon --change-threshold 0`` is the earlier twin. The 3D
 section (``--mri-subjects``) uses the same switches.
+
+``--base-forecast convlstm`` makes the diffusion residual on a deterministic forecast: the ConvLSTM
+twin (trained first, ``--convlstm-epochs``; ``--convlstm PATH`` caches it) forecasts every pair
+(training, validation, test; null-EHR pairs take the prior as their base), the twin
+(``LatentDiffusionTwin(base_forecast=True)``) diffuses the latent change from that forecast with the
+prior latent and the EHR tokens still in its condition, and a forecast decodes as
+``base + D(z) - D(z_base)``. The what-if then forecasts the edited events with the ConvLSTM twin too,
+the floors apply to the change from each base, and the base forecasts' own what-if r is printed
+beside the twin's; the forecast table gains a ``base_convlstm`` row, and the null-EHR check uses the
+prior as the base.
 """
 
 from __future__ import annotations

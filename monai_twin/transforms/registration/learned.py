@@ -580,16 +580,19 @@ class RegisterVoxelMorph(InvertibleTransform):
         if tuple(on_grid.shape[1:]) != shape or not torch.allclose(m_aff, f_aff):
             on_grid = resample_through(on_grid, m_aff, f_aff, shape, ident)
         for name, x in (("moving image", on_grid), ("fixed image", fixed_img.as_tensor())):
-            if not torch.isfinite(x).all():
+            # one pass: a NaN propagates to both extremes, an infinite voxel is one of them
+            lo, hi = (float(v) for v in torch.aminmax(x))
+            if not (np.isfinite(lo) and np.isfinite(hi)):
                 raise ValueError(f"{name} has NaN/infinite voxels; clean it before the learned registration.")
-            if float(x.max()) == float(x.min()):
+            if hi == lo:
                 raise ValueError(f"{name} is constant: an empty or blank image cannot be registered.")
         pair = _normalise(torch.stack([on_grid, fixed_img.as_tensor().float()[:1]]).to(self.device))
         source, target = pair[:1], pair[1:]
         with torch.no_grad():
-            disp_vox = self.model(source, target).cpu()[0].to(torch.float64)
+            disp_vox = self.model(source, target).cpu()[0]
         # voxel pull-back on the fixed grid -> mm in RAS world: rotate/scale by the grid's linear part
-        disp_mm = torch.einsum("ij,j...->i...", f_aff[:ndim, :ndim], disp_vox).to(torch.float32)
+        # (in float32, the field's precision: a float64 copy of the field costs more than the network's input)
+        disp_mm = torch.einsum("ij,j...->i...", f_aff[:ndim, :ndim].to(disp_vox.dtype), disp_vox)
         return {
             "stages": ["voxelmorph"],
             "src_affine": m_aff,

@@ -144,6 +144,13 @@ class TestVoxelMorph(unittest.TestCase):
         blank = phantom(SHAPE, AFFINE) * 0
         with self.assertRaisesRegex(ValueError, "constant"):
             RegisterVoxelMorph(model)(blank, phantom(SHAPE, AFFINE))
+        for bad_value in (float("nan"), float("inf"), -float("inf")):
+            spoiled = phantom(SHAPE, AFFINE)
+            spoiled[0, 3, 5] = bad_value
+            with self.assertRaisesRegex(ValueError, "NaN/infinite"):
+                RegisterVoxelMorph(model)(spoiled, phantom(SHAPE, AFFINE))
+            with self.assertRaisesRegex(ValueError, "NaN/infinite"):
+                RegisterVoxelMorph(model)(phantom(SHAPE, AFFINE), spoiled)
         with TemporaryDirectory() as tmp:
             bad = Path(tmp) / "bad.pt"
             torch.save({"weights": torch.zeros(1)}, bad)
