@@ -202,10 +202,11 @@ def masked_ssim_loss(warped: torch.Tensor, fixed: torch.Tensor, mask: torch.Tens
     truncated at 3.5 sigma, ``data_range=1``), differentiable. The window is MONAI's
     (:func:`monai.networks.layers.convutils.gaussian_1d`, sampled and normalised: scipy's), applied
     separably as weighted sums of shifted views over the valid region only -- on one CPU thread about
-    twice as fast as :func:`monai.networks.layers.separable_filtering` and six times as fast as the
-    dense window of :func:`monai.metrics.regression.compute_ssim_and_cs`. Like the metric it drops
-    the border where the window reaches past the image, and it averages over the masked voxels of
-    the whole batch: the loss rewards what the benchmark's SSIM over breast tissue measures.
+    twice as fast as :func:`monai.networks.layers.separable_filtering` and four times as fast as the
+    dense window of :func:`monai.metrics.regression.compute_ssim_and_cs` (forward and backward). Like
+    the metric it drops the border where the window reaches past the image, and it averages over the
+    masked voxels of the whole batch: the loss rewards what the benchmark's SSIM over breast tissue
+    measures.
     """
     from monai.networks.layers.convutils import gaussian_1d
 
