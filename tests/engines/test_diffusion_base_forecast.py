@@ -9,20 +9,9 @@ import torch
 from monai_twin.engines import DiffusionTwinPrepareBatch, null_ehr_sample, train_diffusion_twin
 from monai_twin.inferers import LatentTwinInferer, make_scheduler
 from monai_twin.networks.diffusion import LatentDiffusionTwin, autoencoder_config
+from tests.engines.test_diffusion_interval import _conditions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _conditions(b: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "ehr_tokens_code": torch.randint(2, 6, (b, 5), generator=g),
-        "ehr_tokens_value": torch.randn(b, 5, generator=g),
-        "ehr_tokens_time": -torch.rand(b, 5, generator=g) * 300,
-        "ehr_tokens_mask": torch.ones(b, 5),
-        "ehr_static": torch.randn(b, 3, generator=g),
-        "gap": torch.rand(b, generator=g) * 300,
-    }
 
 
 def _net(base_forecast: bool, perturb: bool = True) -> LatentDiffusionTwin:
@@ -98,7 +87,7 @@ class TestTraining:
             base = prior + torch.randn(4, 8, 8, generator=g)  # far from the prior ...
             target = base + 0.1 * torch.randn(4, 8, 8, generator=g)  # ... the target close to the base
             samples.append(
-                {"prior": prior, "target": target, "base": base} | {k: v[0] for k, v in _conditions(1, i).items()}
+                {"prior": prior, "target": target, "base": base} | {k: v[0] for k, v in _conditions(1, seed=i).items()}
             )
         net = _net(True, perturb=False).train()
         scheduler = make_scheduler("ddim", prediction_type="sample")

@@ -84,18 +84,21 @@ def _net(interval_dim: int, dims: int = 2) -> LatentDiffusionTwin:
     return net
 
 
-def _conditions(b: int, f: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def _conditions(b: int, f: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random twin conditions for ``b`` items: five event tokens, three static values, the gap and,
+    with ``f > 0``, ``f`` interval features."""
     g = torch.Generator().manual_seed(seed)
-    return {
+    conditions = {
         "ehr_tokens_code": torch.randint(2, 6, (b, 5), generator=g),
         "ehr_tokens_value": torch.randn(b, 5, generator=g),
         "ehr_tokens_time": -torch.rand(b, 5, generator=g) * 300,
         "ehr_tokens_mask": torch.ones(b, 5),
         "ehr_static": torch.randn(b, 3, generator=g),
         "gap": torch.rand(b, generator=g) * 300,
-        "ehr_interval": torch.rand(b, f, generator=g) * 5000,
-        "ehr_interval_mask": torch.ones(b, f),
     }
+    if f:
+        conditions |= {"ehr_interval": torch.rand(b, f, generator=g) * 5000, "ehr_interval_mask": torch.ones(b, f)}
+    return conditions
 
 
 class TestIntervalPath:
