@@ -53,39 +53,36 @@ WHAT_IF_DOSES = (0.0, 40.0)
 LESION_MARGIN = 3
 
 
-def _aligned_images(cohort: Path) -> dict[tuple[str, int], np.ndarray]:
-    """Every acquired scan mapped back to its subject's frame with the true acquisition transform."""
+def _aligned(cohort: Path, column: str) -> dict[tuple[str, int], np.ndarray]:
+    """Every visit's file of the truth table's ``column`` (``"image"`` or ``"mask"``) mapped back to
+    its subject's frame with the true acquisition transform."""
     import nibabel as nib
     import pandas as pd
 
     from monai_twin.data.synthetic import AcquisitionTransform, invert_acquisition
 
     truth = pd.read_parquet(cohort / "truth.parquet")
-    out = {}
-    for row in truth.itertuples():
-        acquired = np.asarray(nib.load(str(cohort / row.image)).get_fdata(dtype=np.float32))
-        aligned = invert_acquisition(acquired, AcquisitionTransform.from_dict(row.acquisition))
-        out[(row.subject_id, int(row.visit))] = np.clip(aligned, 0.0, 1.0).astype(np.float32)
-    return out
+    return {
+        (row.subject_id, int(row.visit)): invert_acquisition(
+            np.asarray(nib.load(str(cohort / getattr(row, column))).get_fdata(dtype=np.float32)),
+            AcquisitionTransform.from_dict(row.acquisition),
+        )
+        for row in truth.itertuples()
+    }
+
+
+def _aligned_images(cohort: Path) -> dict[tuple[str, int], np.ndarray]:
+    """Every acquired scan mapped back to its subject's frame with the true acquisition transform."""
+    return {k: np.clip(v, 0.0, 1.0).astype(np.float32) for k, v in _aligned(cohort, "image").items()}
 
 
 def _lesion_regions(cohort: Path) -> dict[tuple[str, int], np.ndarray]:
     """For each visit after the first, where the lesion-size reader counts intensity mass: the
     simulator's lesion masks of the visit and the one before it, mapped back to the subject's frame
     (as :func:`_aligned_images` does for the scans), united and dilated by ``LESION_MARGIN``."""
-    import nibabel as nib
-    import pandas as pd
     from scipy import ndimage
 
-    from monai_twin.data.synthetic import AcquisitionTransform, invert_acquisition
-
-    truth = pd.read_parquet(cohort / "truth.parquet")
-    masks = {}
-    for row in truth.itertuples():
-        acquired = np.asarray(nib.load(str(cohort / row.mask)).get_fdata(dtype=np.float32))
-        masks[(row.subject_id, int(row.visit))] = (
-            invert_acquisition(acquired, AcquisitionTransform.from_dict(row.acquisition)) > 0.5
-        )
+    masks = {k: v > 0.5 for k, v in _aligned(cohort, "mask").items()}
     return {
         (sid, v): ndimage.binary_dilation(masks[(sid, v)] | masks[(sid, v - 1)], iterations=LESION_MARGIN)
         for sid, v in masks
