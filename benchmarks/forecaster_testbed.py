@@ -21,10 +21,14 @@ reports on the held-out subjects:
 * future-EHR MAE (CA 15-3 / MMSE in their units) of the EHR head vs last-value-carried-forward;
 * the ceiling: PSNR of the simulator's noise-free render of each true target scan, against
   copy-last (run with ``--conditioning`` and no names for this and the cohort figures alone);
-* what-if (mammo2d): for each held-out subject with a lesion, the last visit is forecast under
-  the recorded treatment and with the daily dose from the last prior scan set to 0 and to 40
-  mg/day; the predicted lesion-area change of each edit is compared with the simulator's true
-  counterfactual (``resimulate`` with the same edit): Pearson r (target >= 0.9).
+* what-if (mammo2d): for each held-out subject with a lesion, the last visit (every visit with a
+  history with ``--what-if-visits all``) is forecast under the recorded treatment and with the
+  daily dose from the last prior scan set to 0 and to 40 mg/day; the predicted lesion-area change
+  of each edit (edited minus recorded forecast, read by the lesion-size reader in the region of the
+  last prior, the factual and the counterfactual lesion) is compared with the simulator's true
+  counterfactual (``resimulate`` with the same edit): Pearson r (target >= 0.9). The same r with
+  the difference read over the whole image, and the reader's own r on the simulator's noise-free
+  factual and counterfactual renders, are printed beside it; ``--what-if-csv`` keeps every edit.
 
 Usage::
 
@@ -76,18 +80,23 @@ def _aligned_images(cohort: Path) -> dict[tuple[str, int], np.ndarray]:
     return {k: np.clip(v, 0.0, 1.0).astype(np.float32) for k, v in _aligned(cohort, "image").items()}
 
 
-def _lesion_regions(cohort: Path) -> dict[tuple[str, int], np.ndarray]:
-    """For each visit after the first, where the lesion-size reader counts intensity mass: the
-    simulator's lesion masks of the visit and the one before it, mapped back to the subject's frame
-    (as :func:`_aligned_images` does for the scans), united and dilated by ``LESION_MARGIN``."""
+def _lesion_masks(cohort: Path) -> dict[tuple[str, int], np.ndarray]:
+    """The simulator's lesion mask of every visit, mapped back to the subject's frame (as
+    :func:`_aligned_images` does for the scans)."""
+    return {k: v > 0.5 for k, v in _aligned(cohort, "mask").items()}
+
+
+def _region(*masks: np.ndarray) -> np.ndarray:
+    """Where the lesion-size reader counts intensity mass: the masks united, dilated by ``LESION_MARGIN``."""
     from scipy import ndimage
 
-    masks = {k: v > 0.5 for k, v in _aligned(cohort, "mask").items()}
-    return {
-        (sid, v): ndimage.binary_dilation(masks[(sid, v)] | masks[(sid, v - 1)], iterations=LESION_MARGIN)
-        for sid, v in masks
-        if (sid, v - 1) in masks
-    }
+    return ndimage.binary_dilation(np.logical_or.reduce(masks), iterations=LESION_MARGIN)
+
+
+def _lesion_regions(masks: dict[tuple[str, int], np.ndarray]) -> dict[tuple[str, int], np.ndarray]:
+    """For each visit after the first, the reader's region: the lesion masks of the visit and the
+    one before it (:func:`_region`)."""
+    return {(sid, v): _region(masks[(sid, v)], masks[(sid, v - 1)]) for sid, v in masks if (sid, v - 1) in masks}
 
 
 def _encoders(vocabulary, max_history, carry_forward=False, future_code=None, cumulative_exposure=False):
@@ -242,12 +251,20 @@ def _evaluate(net, samples, changed, area, regions, scale, spacing_mm2, locf_uni
     return table, ehr
 
 
-def _what_if(net, manifest, cohort, subjects, images, encode, scale, spacing_mm2, max_history):
-    """Predicted vs true lesion-area change under dose edits from the last prior scan on."""
-    import pandas as pd
+def _what_if(net, manifest, cohort, subjects, images, masks, encode, scale, spacing_mm2, max_history, visits="last"):
+    """Predicted vs true lesion-area change under dose edits from the last prior scan on, for each
+    subject's last visit (``visits="last"``) or every visit with a history (``"all"``) as the target.
 
-    from monai_twin.data import build_longitudinal_items, edit_events
-    from monai_twin.data.synthetic import load_subject, resimulate, subject_truth
+    Each edit's predicted change is the forecast under the edit minus the forecast under the
+    recorded treatment, read by the lesion-size reader: the intensity mass gained in the lesion's
+    region (the last prior scan's, the factual target's and the counterfactual target's lesion
+    masks -- the latter rendered by the simulator -- united and dilated) times the calibrated scale.
+    ``predicted_whole_mm2`` reads the same difference over the whole image, and ``reader_mm2``
+    reads the simulator's noise-free factual and counterfactual renders in the same region (the
+    reader's own accuracy)."""
+
+    from monai_twin.data import build_longitudinal_items
+    from monai_twin.data.synthetic import load_subject, resimulate
 
     pairs = []
     for sid in subjects:
@@ -255,33 +272,67 @@ def _what_if(net, manifest, cohort, subjects, images, encode, scale, spacing_mm2
         items = build_longitudinal_items(manifest, max_history=max_history, subjects=[sid])
         if not items:
             continue
-        item = items[-1]  # the last visit as the target
-        t_last, t_target = float(item["history_times"][-1]), float(item["target_time"])
-        factual = subject_truth(subject, days=[t_target])["lesion_area_mm2"].iloc[0]
-        if not factual > 0:
-            continue  # no lesion: nothing to change
         recorded = resimulate(subject).events
         recorded = recorded.assign(time=subject.to_days(recorded["time"]))
-        doses, edits, true_edits = [], [], []
-        for d in WHAT_IF_DOSES:
-            try:
-                edited = edit_events(item["events"], subject.drug_code, value=d, after=t_last, exposure=True)
-            except ValueError:  # e.g. stopping a drug that is not taken: nothing to ask
-                continue
-            doses.append(d)
-            edits.append(dict(item, events=edited))
-            true_edits.append(
-                pd.DataFrame(edit_events(recorded, subject.drug_code, value=d, after=t_last, exposure=True))
-            )
-        if not edits:
+        for item in items if visits == "all" else items[-1:]:
+            pairs.extend(_what_if_visit(net, subject, item, recorded, images, masks, encode, scale, spacing_mm2))
+    return pairs
+
+
+def _what_if_visit(net, subject, item, recorded, images, masks, encode, scale, spacing_mm2):
+    """The what-if edits of one target visit (see :func:`_what_if`)."""
+    import pandas as pd
+
+    from monai_twin.data import edit_events
+    from monai_twin.data.synthetic import subject_truth
+    from monai_twin.data.synthetic.mammo2d import mammo2d_prior_lesion_area, mammo2d_render
+    from monai_twin.data.synthetic.subject import schedule_from_events
+
+    sid, j = subject.subject_id, item["target_index"]
+    t_last, t_target = float(item["history_times"][-1]), float(item["target_time"])
+    factual_row = subject_truth(subject, days=[t_target]).iloc[0]
+    factual = factual_row["lesion_area_mm2"]
+    if not factual > 0:
+        return []  # no lesion: nothing to change
+    factual_render = mammo2d_render(subject, factual_row)[0]
+    doses, edits, true_rows, prior, pairs = [], [], [], [], []
+    for d in WHAT_IF_DOSES:
+        try:
+            edited = edit_events(item["events"], subject.drug_code, value=d, after=t_last, exposure=True)
+        except ValueError:  # e.g. stopping a drug that is not taken: nothing to ask
             continue
-        batch = [_sample(x, images, encode, target=False) for x in (item, *edits)]
-        stacked = {k: torch.stack([b[k] for b in batch]) for k in KEYS}
-        pred, _ = _forecast(net, stacked)
-        predicted = ((pred[1:] - pred[:1]).flatten(1).sum(1) * spacing_mm2 * scale).tolist()
-        for d, p, ev in zip(doses, predicted, true_edits):
-            true = subject_truth(subject, ev, days=[t_target])["lesion_area_mm2"].iloc[0] - factual
-            pairs.append({"subject_id": sid, "dose": d, "predicted_mm2": p, "true_mm2": float(true)})
+        doses.append(d)
+        edits.append(dict(item, events=edited))
+        true_edit = pd.DataFrame(edit_events(recorded, subject.drug_code, value=d, after=t_last, exposure=True))
+        true_rows.append(subject_truth(subject, true_edit, days=[t_target]).iloc[0])
+        edited_area, recorded_area = (
+            mammo2d_prior_lesion_area(subject, schedule_from_events(subject, x), [t_target])[0]
+            for x in (true_edit, recorded)
+        )
+        prior.append(edited_area - recorded_area)
+    if not edits:
+        return []
+    batch = [_sample(x, images, encode, target=False) for x in (item, *edits)]
+    stacked = {k: torch.stack([b[k] for b in batch]) for k in KEYS}
+    pred, _ = _forecast(net, stacked)
+    difference = (pred[1:] - pred[:1])[:, 0].numpy()
+    for d, diff, row, expected in zip(doses, difference, true_rows, prior):
+        image, mask, _ = mammo2d_render(subject, row)
+        region = _region(masks[(sid, j - 1)], masks[(sid, j)], mask > 0)
+        pairs.append(
+            {
+                "subject_id": sid,
+                "target_index": j,
+                "history": len(item["history"]),
+                "gap_days": t_target - t_last,
+                "dose": d,
+                "predicted_mm2": float(diff[region].sum()) * spacing_mm2 * scale,
+                "predicted_whole_mm2": float(diff.sum()) * spacing_mm2 * scale,
+                "reader_mm2": float((image - factual_render)[region].sum()) * spacing_mm2 * scale,
+                "prior_expectation_mm2": float(expected),
+                "true_mm2": float(row["lesion_area_mm2"] - factual),
+            }
+        )
     return pairs
 
 
@@ -348,6 +399,15 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where cohorts/runs go (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="also write the figures here")
     parser.add_argument("--load", default=None, help="evaluate these saved network weights instead of training")
+    parser.add_argument(
+        "--what-if-visits",
+        default="last",
+        choices=("last", "all"),
+        help="what-if targets: each held-out subject's last visit, or every visit with a history",
+    )
+    parser.add_argument(
+        "--what-if-csv", default=None, help="also write every what-if edit (subject, dose, predicted, true) to this CSV"
+    )
     args = parser.parse_args()
 
     import pandas as pd
@@ -368,10 +428,11 @@ def main() -> None:
     images = _aligned_images(cohort)
     truth = pd.read_parquet(cohort / "truth.parquet")
     changed = {(r.subject_id, int(r.visit)): bool(r.changed) for r in truth.itertuples() if not pd.isna(r.changed)}
-    area, regions = {}, {}
+    area, regions, masks = {}, {}, {}
     if args.kind == "mammo2d":
         area = {(r.subject_id, int(r.visit)): float(r.lesion_area_mm2) for r in truth.itertuples()}
-        regions = _lesion_regions(cohort)
+        masks = _lesion_masks(cohort)
+        regions = _lesion_regions(masks)
     spacing = config.spacing if args.kind == "mammo2d" else config.spacing_mm
     voxel = float(spacing ** (2 if args.kind == "mammo2d" else 3))  # mm² per pixel / mm³ per voxel
     split = split_subjects(manifest.subjects, (0.7, 0.15, 0.15), seed=args.seed)
@@ -466,14 +527,45 @@ def main() -> None:
                 f"   future {future_code}: MAE twin {ehr['twin']:.3f} vs LOCF {ehr['locf']:.3f} (n={len(data['test'])})"
             )
         if area:
-            pairs = _what_if(net, manifest, cohort, split["test"], images, encode, scale, voxel, args.max_history)
+            pairs = _what_if(
+                net,
+                manifest,
+                cohort,
+                split["test"],
+                images,
+                masks,
+                encode,
+                scale,
+                voxel,
+                args.max_history,
+                args.what_if_visits,
+            )
             if len(pairs) >= 3:
                 frame = pd.DataFrame(pairs)
-                r = float(np.corrcoef(frame["predicted_mm2"], frame["true_mm2"])[0, 1])
-                row |= {"what_if_r": r, "what_if_n": len(frame)}
-                print(
-                    f"   what-if (dose -> {WHAT_IF_DOSES} mg/day from the last scan): Pearson r = {r:.3f} over {len(frame)} edits"
+                r, whole, reader = (
+                    float(np.corrcoef(frame[c], frame["true_mm2"])[0, 1])
+                    for c in ("predicted_mm2", "predicted_whole_mm2", "reader_mm2")
                 )
+                row |= {"what_if_r": r, "what_if_r_whole_image": whole, "what_if_n": len(frame)}
+                if args.what_if_csv:
+                    frame.assign(conditioning=conditioning).to_csv(args.what_if_csv, index=False)
+                print(
+                    f"   what-if (dose -> {WHAT_IF_DOSES} mg/day from the last scan): Pearson r = {r:.3f} over "
+                    f"{len(frame)} edits, read in the lesion region ({whole:.3f} over the whole image; the "
+                    f"reader on the true renders: {reader:.3f})"
+                )
+                for label, part in frame.groupby(np.where(frame["target_index"] > 1, "two+", "one")):
+                    if len(part) < 3:
+                        continue
+                    twin, expected = (
+                        float(np.corrcoef(part[c], part["true_mm2"])[0, 1])
+                        for c in ("predicted_mm2", "prior_expectation_mm2")
+                    )
+                    row |= {f"what_if_r_{label}_scan": twin, f"what_if_n_{label}_scan": len(part)}
+                    print(
+                        f"      with {label.replace('+', ' or more')} prior scan(s): r = {twin:.3f} over {len(part)} "
+                        f"edits; the cohort-prior expectation given the first scan: r = {expected:.3f}"
+                    )
         results[conditioning] = row
     if results:
         print("\nsummary:\n" + pd.DataFrame(results).T.round(3).to_string())

@@ -23,6 +23,7 @@ A visit is *changed* when the lesion's equivalent-circle diameter moved by at le
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,7 @@ __all__ = [
     "LESION_TYPES",
     "Mammo2DConfig",
     "mammo2d_anatomy",
+    "mammo2d_prior_lesion_area",
     "mammo2d_measure",
     "mammo2d_render",
     "mammo2d_truth",
@@ -46,6 +48,12 @@ __all__ = [
 DRUG_CODE = "DRUG//tamoxifen"
 LAB_CODE = "LAB//CA15-3"
 LESION_TYPES = ("none", "round", "lobulated", "spiculated")
+# the cohort's prior of the two growth latents no scan shows before a second one: capacity K (mm^2,
+# uniform) and growth rate r0 (1/day, log-normal, raised by hormone therapy)
+CAPACITY_RANGE_MM2 = (600.0, 1500.0)
+GROWTH_RATE_LOG_MEAN = float(np.log(0.0012))
+GROWTH_RATE_LOG_SD = 0.5
+HRT_GROWTH_FACTOR = 0.3
 
 
 @dataclass(frozen=True)
@@ -154,8 +162,9 @@ def sample_mammo2d_subject(index: int, seed: int = 0, config: Mammo2DConfig | No
         "density_logit": float(plan_rng.normal(-0.3, 0.8)),
         "lesion_type": lesion_type,
         "area0": float(np.exp(plan_rng.normal(np.log(30.0), 0.5))) if has_mass else 0.0,
-        "capacity": float(plan_rng.uniform(600.0, 1500.0)),
-        "r0": float(np.exp(plan_rng.normal(np.log(0.0012), 0.5))) * (1.0 + 0.3 * hrt),
+        "capacity": float(plan_rng.uniform(*CAPACITY_RANGE_MM2)),
+        "r0": float(np.exp(plan_rng.normal(GROWTH_RATE_LOG_MEAN, GROWTH_RATE_LOG_SD)))
+        * (1.0 + HRT_GROWTH_FACTOR * hrt),
         "marker_base": float(plan_rng.uniform(12.0, 25.0)),
         "anatomy_seed": int(plan_rng.integers(0, 2**31 - 1)),
     }
@@ -212,6 +221,45 @@ def _growth_integral(subject: SyntheticSubject, schedule: DoseSchedule, days: np
     at_start = np.concatenate([[0.0], np.cumsum(full)])
     k = np.clip(np.searchsorted(starts, days, side="right") - 1, 0, None)
     return at_start[k] + seg(k, np.clip(days - starts[k], 0.0, None))
+
+
+def mammo2d_prior_lesion_area(
+    subject: SyntheticSubject, schedule: DoseSchedule, days: np.ndarray, n_draws: int = 4000, seed: int = 0
+) -> np.ndarray:
+    """The lesion area (mm^2) at ``days`` under ``schedule``, averaged over the cohort's prior of the
+    growth rate and capacity given the subject's initial area and hormone therapy: what one scan
+    tells about the lesion's future.
+
+    A single scan shows the lesion's size but neither how fast it grows (``r0``) nor where it
+    saturates (``K``); the simulator draws both independently of the initial size. This is the
+    best forecast of the area (in mean squared error) from the first scan, the schedule and the
+    static record, so it bounds what any forecaster can do with a one-scan history -- e.g. the
+    Pearson r of its predicted what-if effects against the true ones. Vectorised over the draws:
+    the growth integral is ``r0`` times an integral that does not depend on ``r0``.
+
+    Args:
+        subject: a mammography subject (its ``area0``, hormone therapy and config are used).
+        schedule: the drug schedule (recorded, or edited for a what-if).
+        days: times, days since the first visit.
+        n_draws: Monte Carlo draws of ``(r0, K)``.
+        seed: seed of the draws (use the same seed for two schedules so their difference has
+            common draws).
+
+    Returns:
+        ``(len(days),)`` expected areas; zeros when the subject has no lesion.
+    """
+    days = np.asarray(days, dtype=np.float64).reshape(-1)
+    area0 = subject.latent["area0"]
+    if subject.latent["lesion_type"] == "none" or not area0 > 0:
+        return np.zeros_like(days)
+    rng = np.random.default_rng(seed)
+    hrt = subject.static["hormone_therapy"]
+    capacity = rng.uniform(max(CAPACITY_RANGE_MM2[0], area0 * (1 + 1e-9)), CAPACITY_RANGE_MM2[1], n_draws)
+    r0 = np.exp(rng.normal(GROWTH_RATE_LOG_MEAN, GROWTH_RATE_LOG_SD, n_draws)) * (1.0 + HRT_GROWTH_FACTOR * hrt)
+    unit = dataclasses.replace(subject, latent=dict(subject.latent, r0=1.0))
+    integral = _growth_integral(unit, schedule, days)  # (D,) for r0 = 1
+    u0 = np.log(capacity / area0)[:, None]
+    return np.mean(capacity[:, None] * np.exp(-u0 * np.exp(-r0[:, None] * integral[None])), axis=0)
 
 
 def mammo2d_truth(subject: SyntheticSubject, schedule: DoseSchedule, days: np.ndarray) -> pd.DataFrame:

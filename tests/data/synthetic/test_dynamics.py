@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -126,3 +128,42 @@ def test_mri_atrophy_shrinks_grey_matter_and_widens_csf():
     assert gm[0] > gm[1] > gm[2] and csf[0] < csf[1] < csf[2]
     # about 2 mm of boundary retreat removes a few percent of the ROI's grey matter, not all of it
     assert 0.005 < 1.0 - gm[2] / gm[0] < 0.2
+
+
+def test_prior_lesion_area_is_the_mean_over_the_cohort_prior():
+    from monai_twin.data.synthetic.mammo2d import (
+        CAPACITY_RANGE_MM2,
+        GROWTH_RATE_LOG_MEAN,
+        GROWTH_RATE_LOG_SD,
+        HRT_GROWTH_FACTOR,
+        mammo2d_prior_lesion_area,
+    )
+
+    subjects = [simulate_subject("mammo2d", i, seed=5, config=CONFIGS["mammo2d"]) for i in range(12)]
+    subject = next(s for s in subjects if s.latent["lesion_type"] != "none" and len(s.schedule.doses))
+    days = np.asarray([0.0, 200.0, 500.0, 900.0])
+    # the vectorised form (growth integral = r0 x an r0-free integral) against explicit subjects with
+    # the same draws of the growth rate and capacity
+    rng = np.random.default_rng(7)
+    capacity = rng.uniform(*CAPACITY_RANGE_MM2, 30)
+    hrt = subject.static["hormone_therapy"]
+    r0 = np.exp(rng.normal(GROWTH_RATE_LOG_MEAN, GROWTH_RATE_LOG_SD, 30)) * (1.0 + HRT_GROWTH_FACTOR * hrt)
+    explicit = np.mean(
+        [
+            mammo2d_truth(
+                dataclasses.replace(subject, latent=dict(subject.latent, capacity=k, r0=r)), subject.schedule, days
+            )["lesion_area_mm2"].to_numpy()
+            for k, r in zip(capacity, r0)
+        ],
+        axis=0,
+    )
+    expected = mammo2d_prior_lesion_area(subject, subject.schedule, days, n_draws=30, seed=7)
+    np.testing.assert_allclose(expected, explicit, rtol=1e-10)
+    # the first scan is seen exactly; the draws bracket the subject's own future
+    assert expected[0] == pytest.approx(subject.latent["area0"])
+    assert np.all(np.diff(expected) > 0)
+    # more drug, a smaller expected lesion later on; no lesion, nothing expected
+    more = mammo2d_prior_lesion_area(subject, subject.schedule.scaled(3.0), days, seed=7, n_draws=30)
+    assert np.all(more[1:] < expected[1:])
+    plain = next(s for s in subjects if s.latent["lesion_type"] == "none")
+    np.testing.assert_array_equal(mammo2d_prior_lesion_area(plain, plain.schedule, days), np.zeros(4))
