@@ -106,14 +106,35 @@ def resample_through(
     ndim = image.ndim - 1
     image_affine = _as_matrix(image_affine, ndim)
     matrix = _as_matrix(matrix, ndim)
-    world = grid_world_points(out_shape, out_affine)
-    if displacement is not None:
-        world = world + torch.as_tensor(displacement, dtype=torch.float64)
-    to_voxel = torch.linalg.inv(image_affine) @ matrix
-    voxels = torch.einsum("ij,j...->i...", to_voxel[:ndim, :ndim], world) + to_voxel[:ndim, ndim].reshape(
-        ndim, *([1] * ndim)
-    )
-    return sample_at_voxels(image, voxels, mode=mode, padding_mode=padding_mode)
+    out_shape = [int(n) for n in out_shape]
+    # output voxel -> moving voxel -> grid_sample's [-1, 1] (align_corners=True) in one affine map,
+    # applied axis by axis with broadcasting (no dense world grid, no einsum over it): the sample
+    # points of ``sample_at_voxels(image, inv(image_affine) @ matrix @ (world + displacement))``
+    sizes = torch.tensor(image.shape[1:], dtype=torch.float64)
+    to_unit = torch.eye(ndim + 1, dtype=torch.float64)
+    to_unit[:ndim, :ndim] = torch.diag(2.0 / torch.clamp(sizes - 1.0, min=1.0))
+    to_unit[:ndim, ndim] = -1.0
+    world_to_unit = to_unit @ torch.linalg.inv(image_affine) @ matrix
+    index_to_unit = world_to_unit @ _as_matrix(out_affine, ndim)
+    axes = [
+        torch.arange(n, dtype=torch.float64).reshape([n if a == b else 1 for b in range(ndim)])
+        for a, n in enumerate(out_shape)
+    ]
+    disp = None if displacement is None else torch.as_tensor(displacement, dtype=torch.float64)
+    dtype = image.dtype if image.dtype.is_floating_point else torch.float32
+    # in place, one float64 buffer per axis (fresh full-size temporaries cost more than the arithmetic)
+    grid = torch.empty(1, *out_shape, ndim, dtype=dtype)
+    coord = torch.empty(out_shape, dtype=torch.float64)
+    for i in range(ndim):
+        coord.fill_(float(index_to_unit[i, ndim]))
+        for j in range(ndim):
+            coord.add_(axes[j] * index_to_unit[i, j])
+            if disp is not None:
+                coord.add_(disp[j], alpha=float(world_to_unit[i, j]))
+        grid[..., ndim - 1 - i] = coord  # grid_sample lists the last axis first
+    return F.grid_sample(
+        image.unsqueeze(0).to(dtype), grid, mode=mode, padding_mode=padding_mode, align_corners=True
+    ).squeeze(0)
 
 
 def invert_displacement_field(displacement: torch.Tensor, affine, iterations: int = 30) -> torch.Tensor:

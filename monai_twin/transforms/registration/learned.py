@@ -40,14 +40,17 @@ POOLINGS = ("average", "unshuffle")
 
 __all__ = [
     "RegisterVoxelMorph",
+    "ResidualRefiner",
     "ScaledVxmPairwise",
     "build_voxelmorph",
+    "compose_displacements",
     "demons_fields",
     "displacement_smoothness",
     "load_voxelmorph",
     "masked_ssim_loss",
     "save_voxelmorph",
     "testbed_pairs",
+    "train_refiner",
     "train_voxelmorph",
 ]
 
@@ -82,6 +85,8 @@ class ScaledVxmPairwise(torch.nn.Module):
         integration_steps: int = 5,
         scale: int = 1,
         pooling: str = "average",
+        refine_features: Sequence[int] = (),
+        refine_scale: int = 2,
     ) -> None:
         super().__init__()
         from voxelmorph.nn.models import VxmPairwise
@@ -95,6 +100,8 @@ class ScaledVxmPairwise(torch.nn.Module):
         self.spatial_dims = int(spatial_dims)
         self.scale = int(scale)
         self.pooling = pooling
+        self.nb_features = [int(f) for f in nb_features]
+        self.integration_steps = int(integration_steps)
         self.multiple = self.scale * 2 ** len(nb_features)
         channels = self.scale**self.spatial_dims if pooling == "unshuffle" else 1
         self.vxm = VxmPairwise(
@@ -104,6 +111,13 @@ class ScaledVxmPairwise(torch.nn.Module):
             nb_features=list(nb_features),
             integration_steps=int(integration_steps),
         )
+        self.refine: ResidualRefiner | None = None
+        if refine_features:
+            if self.multiple % int(refine_scale):
+                raise ValueError(
+                    f"refine_scale {refine_scale} must divide the padding multiple {self.multiple} (scale * 2**levels)."
+                )
+            self.refine = ResidualRefiner(self.spatial_dims, refine_features, refine_scale)
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         import torch.nn.functional as F
@@ -142,11 +156,23 @@ class ScaledVxmPairwise(torch.nn.Module):
         c = s**nd
         return x[:, :c], x[:, c:]
 
-    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, source: torch.Tensor, target: torch.Tensor, refine: bool = True) -> torch.Tensor:
+        """The pull-back displacement; ``refine=False`` skips a cascade's refiner (the coarse stage only)."""
         shape = source.shape[2:]
         disp = self.upsample(self.vxm(*self.network_input(source, target)))
+        if refine and self.refine is not None:
+            disp = self.refined(self._pad(source), self._pad(target), disp)
         crop = (slice(None), slice(None), *[slice(0, n) for n in shape])
         return disp[crop]
+
+    def refined(self, source: torch.Tensor, target: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        """The cascade's second stage on the padded grid: ``source`` warped by the upsampled ``coarse``
+        displacement, the refiner's residual ``r`` predicted from it and ``target``, and the total pull-back
+        ``r + coarse o (id + r)`` (:func:`compose_displacements`: the coarse warp, then the residual)."""
+        if self.refine is None:
+            return coarse
+        residual = self.refine(_warp(source, coarse), target)
+        return compose_displacements(coarse, residual)
 
     def upsample(self, disp: torch.Tensor) -> torch.Tensor:
         """A displacement on the coarse grid (coarse voxels) -> the padded full-resolution grid (voxels)."""
@@ -160,15 +186,92 @@ class ScaledVxmPairwise(torch.nn.Module):
         return F.interpolate(disp, scale_factor=self.scale, mode=mode, align_corners=False) * self.scale
 
 
+class ResidualRefiner(torch.nn.Module):
+    """A small convolutional head that corrects a displacement at (or near) full resolution.
+
+    It sees the moving image already warped by the coarse field and the fixed image, both
+    space-to-depth folded by ``scale`` (every voxel of a ``scale``-wide block becomes a channel, so
+    no texture is pooled away), runs a few ``3 x 3`` convolutions on that ``1/scale`` grid, and
+    predicts a residual pull-back displacement there, upsampled back to the input grid. Its last
+    convolution starts at zero: an untrained head leaves the coarse field unchanged.
+
+    Args:
+        spatial_dims: 2 or 3.
+        features: channels of each hidden convolution (``LeakyReLU(0.2)`` after each).
+        scale: integer grid factor of the head (1: full resolution).
+
+    Shapes: ``forward(warped (B, 1, *spatial), target (B, 1, *spatial)) -> (B, ndim, *spatial)`` in
+    input voxels; spatial sizes must be multiples of ``scale``.
+    """
+
+    def __init__(self, spatial_dims: int, features: Sequence[int] = (16, 16, 16), scale: int = 2) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if int(scale) < 1:
+            raise ValueError(f"scale must be an integer >= 1, got {scale}.")
+        if not features:
+            raise ValueError("features needs at least one hidden convolution.")
+        self.spatial_dims, self.scale = int(spatial_dims), int(scale)
+        conv = torch.nn.Conv2d if spatial_dims == 2 else torch.nn.Conv3d
+        layers: list[torch.nn.Module] = []
+        channels = 2 * self.scale**self.spatial_dims
+        for f in features:
+            layers += [conv(channels, int(f), 3, padding=1), torch.nn.LeakyReLU(0.2)]
+            channels = int(f)
+        self.body = torch.nn.Sequential(*layers)
+        self.head = conv(channels, self.spatial_dims, 3, padding=1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def fold(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *spatial)`` -> ``(B, C * scale**ndim, *spatial / scale)`` (space-to-depth)."""
+        if self.scale == 1:
+            return x
+        s, nd = self.scale, self.spatial_dims
+        coarse = [n // s for n in x.shape[2:]]
+        split = [x.shape[0], x.shape[1]]
+        for n in coarse:
+            split += [n, s]
+        order = [0, 1, *[3 + 2 * a for a in range(nd)], *[2 + 2 * a for a in range(nd)]]
+        return x.reshape(split).permute(order).reshape(x.shape[0], x.shape[1] * s**nd, *coarse)
+
+    def forward(self, warped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        if any(n % self.scale for n in warped.shape[2:]):
+            raise ValueError(f"spatial shape {tuple(warped.shape[2:])} is not a multiple of scale {self.scale}.")
+        r = self.head(self.body(self.fold(torch.cat([warped, target], 1))))
+        if self.scale == 1:
+            return r
+        mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
+        return F.interpolate(r, scale_factor=self.scale, mode=mode, align_corners=False) * self.scale
+
+
+def compose_displacements(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Pull-back displacement of warping by ``first`` and then by ``second`` (voxels, ``(B, ndim, *spatial)``).
+
+    With ``w1(p) = m(p + first(p))`` and ``w2(p) = w1(p + second(p))``, ``w2(p) = m(p + d(p))`` for
+    ``d = second + first o (id + second)``: ``first`` is sampled (bilinear, border values outside)
+    at the points ``second`` moves to.
+    """
+    return second + _warp(first, second, padding_mode="border")
+
+
 def build_voxelmorph(
     spatial_dims: int,
     nb_features: Sequence[int] = (16, 16, 16, 16),
     integration_steps: int = 5,
     scale: int = 1,
     pooling: str = "average",
+    refine_features: Sequence[int] = (),
+    refine_scale: int = 2,
 ) -> ScaledVxmPairwise:
-    """A :class:`ScaledVxmPairwise` for single-channel pairs (voxelmorph is imported here: it is heavy)."""
-    return ScaledVxmPairwise(spatial_dims, nb_features, integration_steps, scale, pooling)
+    """A :class:`ScaledVxmPairwise` for single-channel pairs (voxelmorph is imported here: it is heavy);
+    with ``refine_features`` it is a cascade whose :class:`ResidualRefiner` corrects the coarse field."""
+    return ScaledVxmPairwise(
+        spatial_dims, nb_features, integration_steps, scale, pooling, refine_features, refine_scale
+    )
 
 
 def displacement_smoothness(disp: torch.Tensor) -> torch.Tensor:
@@ -226,7 +329,7 @@ def masked_ssim_loss(warped: torch.Tensor, fixed: torch.Tensor, mask: torch.Tens
     return 1.0 - (smap * weight).sum() / weight.sum().clamp(min=1.0)
 
 
-def _warp(image: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
+def _warp(image: torch.Tensor, disp: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
     """``image (B, C, *spatial)`` pulled back through voxel displacements ``(B, ndim, *spatial)``."""
     import torch.nn.functional as F
 
@@ -237,7 +340,7 @@ def _warp(image: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
     sizes = torch.tensor(disp.shape[2:], dtype=disp.dtype, device=disp.device).reshape(1, ndim, *([1] * ndim))
     norm = 2.0 * (grid + disp) / torch.clamp(sizes - 1.0, min=1.0) - 1.0
     norm = norm.flip(1).permute(0, *range(2, ndim + 2), 1)
-    return F.grid_sample(image, norm, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return F.grid_sample(image, norm, mode="bilinear", padding_mode=padding_mode, align_corners=True)
 
 
 def train_voxelmorph(
@@ -479,6 +582,194 @@ def train_voxelmorph(
     return result
 
 
+def train_refiner(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+    model: ScaledVxmPairwise,
+    steps: int = 3000,
+    batch_size: int = 8,
+    learning_rate: float = 1e-3,
+    similarity: float = 1.0,
+    ssim: float = 1.0,
+    ssim_crop: int = 0,
+    smoothness: float = 0.05,
+    supervised: float = 0.0,
+    coarse_learning_rate: float = 0.0,
+    seed: int = 0,
+    identity_fraction: float = 0.0,
+    flip_axes: Sequence[int] = (),
+    out: str | os.PathLike | None = None,
+    log_every: int = 50,
+    callback: Any = None,
+    config_extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train the :class:`ResidualRefiner` of a cascade (``model.refine``) on full-resolution pairs.
+
+    The coarse U-Net's displacement is upsampled as at inference, the moving image warped through it,
+    the refiner's residual composed with it (:meth:`ScaledVxmPairwise.refined`) and the moving image
+    warped through the total field. The loss, all on the full-resolution grid (normalised intensities):
+    ``similarity`` times the mean squared difference to the fixed image, plus ``ssim`` times ``1 -``
+    SSIM over tissue (:func:`masked_ssim_loss`, fixed image above 0.05), plus ``smoothness`` times
+    :func:`displacement_smoothness` of the *residual*, plus ``supervised`` times the squared error of
+    the total field to the true one over tissue. With ``coarse_learning_rate == 0`` the coarse
+    network is frozen and its displacement is computed once per pair before training (the refiner
+    then costs most of a step); otherwise it is fine-tuned with that learning rate. Adam, learning
+    rates halved at 60 % and 85 % of the steps.
+
+    Args:
+        pairs: ``(moving, fixed, true_field_or_None)`` as for :func:`train_voxelmorph`.
+        model: a cascade (built with ``refine_features``), its coarse stage typically trained already.
+        steps, batch_size, learning_rate, seed, identity_fraction, flip_axes, out, log_every,
+            callback, config_extra: as for :func:`train_voxelmorph`.
+        similarity, ssim, smoothness, supervised: loss weights (see above).
+        ssim_crop: side of the random window the SSIM term is computed on (0: the whole grid).
+        coarse_learning_rate: learning rate of the coarse U-Net (0: frozen).
+
+    Returns:
+        ``{"model", "losses", "seconds", "path", "config"}`` as :func:`train_voxelmorph`; the config's
+        ``"architecture"`` includes the refiner, ``"refiner_training"`` the settings above.
+    """
+    if model.refine is None:
+        raise ValueError("train_refiner needs a cascade: build the model with refine_features.")
+    if not pairs:
+        raise ValueError("train_refiner needs at least one (moving, fixed, field) pair.")
+    spatial_dims = model.spatial_dims
+    shapes = {tuple(np.shape(p[0])) for p in pairs} | {tuple(np.shape(p[1])) for p in pairs}
+    if len(shapes) != 1 or len(next(iter(shapes))) != spatial_dims:
+        raise ValueError(f"all pairs must share one {spatial_dims}D shape, got {sorted(shapes)}.")
+    if supervised > 0 and any(p[2] is None for p in pairs):
+        raise ValueError("supervised > 0 needs a true field in every pair.")
+    flip_axes = tuple(int(a) for a in flip_axes)
+    if any(not 0 <= a < spatial_dims for a in flip_axes):
+        raise ValueError(f"flip_axes must be spatial axes in [0, {spatial_dims}), got {flip_axes}.")
+    if flip_axes and model.pooling != "average":
+        raise ValueError("flip_axes needs pooling='average' (unshuffled channels would need reordering).")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    n_changed = len(pairs)
+    n_identity = int(round(identity_fraction * n_changed))
+    if n_identity:
+        picks = np.linspace(0, n_changed - 1, n_identity).round().astype(int)
+        zero = None if pairs[0][2] is None else np.zeros_like(pairs[0][2])
+        pairs = [*pairs, *[(pairs[i][1], pairs[i][1], zero) for i in picks]]
+    frozen = coarse_learning_rate <= 0
+    model.eval()
+    model.refine.train()
+    if frozen:
+        model.vxm.requires_grad_(False)
+    else:
+        model.vxm.train()
+    with torch.no_grad():
+        moving = model._pad(_normalise(torch.as_tensor(np.stack([p[0] for p in pairs]), dtype=torch.float32)[:, None]))
+        fixed = model._pad(_normalise(torch.as_tensor(np.stack([p[1] for p in pairs]), dtype=torch.float32)[:, None]))
+        fields = None
+        if supervised > 0:
+            fields = model._pad(torch.as_tensor(np.stack([p[2] for p in pairs]), dtype=torch.float32))
+        coarse = None
+        if frozen:
+            # the coarse network's output on its own grid, once per pair (upsampled per batch)
+            coarse = torch.cat(
+                [
+                    model.vxm(*model.network_input(moving[i : i + 64], fixed[i : i + 64]))
+                    for i in range(0, len(pairs), 64)
+                ]
+            )
+    groups = [{"params": list(model.refine.parameters()), "lr": learning_rate}]
+    if not frozen:
+        groups.append({"params": list(model.vxm.parameters()), "lr": coarse_learning_rate})
+    optimiser = torch.optim.Adam(groups)
+    schedule = torch.optim.lr_scheduler.MultiStepLR(
+        optimiser, milestones=[int(0.6 * steps), int(0.85 * steps)], gamma=0.5
+    )
+    losses = []
+    start = time.perf_counter()
+    for step in range(int(steps)):
+        idx = torch.as_tensor(rng.choice(len(pairs), size=min(batch_size, len(pairs)), replace=False))
+        b_mov, b_fix = moving[idx], fixed[idx]
+        b_field = None if fields is None else fields[idx]
+        b_coarse = None if coarse is None else coarse[idx]
+        for axis in flip_axes:
+            if rng.random() < 0.5:
+                dims = [2 + axis]
+                sign = torch.ones(spatial_dims).reshape(1, -1, *([1] * spatial_dims))
+                sign[:, axis] = -1.0
+                b_mov, b_fix = b_mov.flip(dims), b_fix.flip(dims)
+                if b_field is not None:
+                    b_field = b_field.flip(dims) * sign
+                if b_coarse is not None:
+                    b_coarse = b_coarse.flip(dims) * sign
+        if b_coarse is None:
+            b_coarse = model.vxm(*model.network_input(b_mov, b_fix))
+        up = model.upsample(b_coarse)
+        residual = model.refine(_warp(b_mov, up), b_fix)
+        disp = compose_displacements(up, residual)
+        warped = _warp(b_mov, disp)
+        loss = similarity * torch.mean((warped - b_fix) ** 2) + smoothness * displacement_smoothness(residual)
+        if ssim > 0:
+            window = (slice(None), slice(None))
+            for n in warped.shape[2:]:
+                side = min(n, ssim_crop) if ssim_crop > 0 else n
+                first = int(rng.integers(0, n - side + 1))
+                window += (slice(first, first + side),)
+            w_fix = b_fix[window]
+            loss = loss + ssim * masked_ssim_loss(warped[window], w_fix, w_fix > 0.05)
+        if b_field is not None:
+            content = (b_fix > 0.05).to(disp.dtype)
+            error = ((disp - b_field) ** 2).sum(1, keepdim=True)
+            loss = loss + supervised * (error * content).sum() / content.sum().clamp(min=1.0)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        losses.append(loss.item())
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            print(f"step {step:5d}  loss {losses[-1]:.5f}  ({time.perf_counter() - start:.0f} s)", flush=True)
+            if callback is not None:
+                model.eval()
+                with torch.no_grad():
+                    callback(step, model)
+                model.refine.train()
+                if not frozen:
+                    model.vxm.train()
+    model.vxm.requires_grad_(True)
+    model.eval()
+    seconds = time.perf_counter() - start
+    refine = model.refine
+    config: dict[str, Any] = {
+        "architecture": {
+            "spatial_dims": spatial_dims,
+            "nb_features": [int(f) for f in model.nb_features],
+            "integration_steps": int(model.integration_steps),
+            "scale": model.scale,
+            "pooling": model.pooling,
+            "refine_features": [int(m.out_channels) for m in refine.body if hasattr(m, "out_channels")],
+            "refine_scale": refine.scale,
+        },
+        "refiner_training": {
+            "pairs": n_changed,
+            "identity_pairs": n_identity,
+            "steps": int(steps),
+            "batch_size": int(batch_size),
+            "learning_rate": float(learning_rate),
+            "coarse_learning_rate": float(coarse_learning_rate),
+            "similarity": float(similarity),
+            "ssim": float(ssim),
+            "ssim_crop": int(ssim_crop),
+            "smoothness": float(smoothness),
+            "supervised": float(supervised),
+            "seed": int(seed),
+            "flip_axes": list(flip_axes),
+            "seconds": round(seconds, 1),
+            "final_loss_mean_last_50": float(np.mean(losses[-50:])),
+        },
+    }
+    config.update(config_extra or {})
+    result: dict[str, Any] = {"model": model, "losses": losses, "seconds": seconds, "path": None, "config": config}
+    if out is not None:
+        save_voxelmorph(model, out, config)
+        result["path"] = Path(out)
+    return result
+
+
 def save_voxelmorph(model: ScaledVxmPairwise, path: str | os.PathLike, config: dict[str, Any]) -> None:
     """Write ``model.state_dict()`` to ``path`` and ``config`` (needs an ``"architecture"`` entry with
     :func:`build_voxelmorph`'s arguments) to the ``.json`` next to it, each atomically."""
@@ -520,6 +811,9 @@ def load_voxelmorph(path: str | os.PathLike) -> ScaledVxmPairwise:
         int(arch["integration_steps"]),
         int(arch.get("scale", 1)),
         arch.get("pooling", "average"),
+        # weights saved before the cascade have no refiner
+        [int(f) for f in arch.get("refine_features", [])],
+        int(arch.get("refine_scale", 2)),
     )
     model.load_state_dict(state)
     model.eval()
@@ -540,6 +834,8 @@ class RegisterVoxelMorph(InvertibleTransform):
         mode: interpolation of the output.
         padding_mode: padding outside the moving image.
         device: torch device for the forward pass.
+        refine: run a cascade's :class:`ResidualRefiner` after the coarse U-Net (``False``: the coarse
+            stage alone, a little faster and less accurate; no effect on weights without a refiner).
 
     Example::
 
@@ -556,7 +852,9 @@ class RegisterVoxelMorph(InvertibleTransform):
         mode: str = "bilinear",
         padding_mode: str = "zeros",
         device: str | torch.device = "cpu",
+        refine: bool = True,
     ) -> None:
+        self.refine = bool(refine)
         self.model = load_voxelmorph(model) if isinstance(model, (str, os.PathLike)) else model
         if not isinstance(self.model, torch.nn.Module):
             raise TypeError(f"model must be a checkpoint path or a torch module, got {type(model).__name__}.")
@@ -590,7 +888,9 @@ class RegisterVoxelMorph(InvertibleTransform):
         pair = _normalise(torch.stack([on_grid, fixed_img.as_tensor().float()[:1]]).to(self.device))
         source, target = pair[:1], pair[1:]
         with torch.no_grad():
-            disp_vox = self.model(source, target).cpu()[0]
+            disp_vox = (self.model(source, target) if self.refine else self.model(source, target, refine=False)).cpu()[
+                0
+            ]
         # voxel pull-back on the fixed grid -> mm in RAS world: rotate/scale by the grid's linear part
         # (in float32, the field's precision: a float64 copy of the field costs more than the network's input)
         disp_mm = torch.einsum("ij,j...->i...", f_aff[:ndim, :ndim].to(disp_vox.dtype), disp_vox)
@@ -730,6 +1030,7 @@ def demons_fields(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    import json
     import shlex
     import sys
 
@@ -792,13 +1093,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--flip-axes", type=int, nargs="*", default=[], help="mirror batches along these axes")
     parser.add_argument("--init", default=None, help="weights of the same architecture to start from")
+    parser.add_argument(
+        "--refine-features",
+        type=int,
+        nargs="*",
+        default=[],
+        help="train a cascade: a ResidualRefiner with these hidden channels after the --init model "
+        "(the image terms then work on the full-resolution grid: --similarity its MSE, --fine-ssim its SSIM; "
+        "--smoothness applies to the residual)",
+    )
+    parser.add_argument("--refine-scale", type=int, default=2, help="grid factor of the refiner (space-to-depth)")
+    parser.add_argument(
+        "--coarse-lr",
+        type=float,
+        default=0.0,
+        help="with --refine-features: learning rate of the coarse U-Net (0: frozen)",
+    )
     parser.add_argument("--val-subjects", type=int, default=0, help="validation subjects (visit 1 -> visit 0)")
     parser.add_argument("--val-seed", type=int, default=2, help="testbed seed of the validation subjects")
     parser.add_argument("--val-every", type=int, default=1000, help="validate every so many steps")
     parser.add_argument(
         "--keep-best",
         action="store_true",
-        help="save the weights of the validation step with the highest share of the demons SSIM gain",
+        help="save the weights of the validation step with the highest share of the demons SSIM gain "
+        "among the steps whose fields fold on no validation pair",
     )
     args = parser.parse_args(argv)
     if len(args.subjects) != len(args.cohort_seed):
@@ -869,21 +1187,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         def callback(step: int, model: ScaledVxmPairwise) -> None:
             if step % args.val_every and step != args.steps - 1:
                 return
-            errors, gains = [], []
+            from monai_twin.metrics import folding_fraction
+
+            errors, gains, folds = [], [], []
             for moving, fixed, field in val:
                 pair = _normalise(torch.as_tensor(np.stack([moving, fixed]), dtype=torch.float32)[:, None])
                 disp = model(pair[:1], pair[1:])
                 content = pair[1, 0].numpy() > 0.05
                 errors.append(float(np.sqrt(((disp[0].numpy() - field) ** 2).sum(0))[content].mean()))
+                folds.append(folding_fraction(disp[0].numpy(), mask=content))
                 if val_gains is not None:
                     warped = _warp(torch.as_tensor(moving, dtype=torch.float32)[None, None], disp)[0, 0].numpy()
                     gains.append(_ssim_gain(warped, moving, fixed))
-            entry = {"step": step, "epe_median": float(np.median(errors))}
-            text = f"EPE median {entry['epe_median']:.3f} px"
+            entry = {"step": step, "epe_median": float(np.median(errors)), "folding_max": float(max(folds))}
+            text = f"EPE median {entry['epe_median']:.3f} px, folded on tissue <= {100 * entry['folding_max']:.3f} %"
             if val_gains is not None:
                 entry["ssim_gain_share"] = float(np.median(gains) / np.median(val_gains))
                 text += f", {100 * entry['ssim_gain_share']:.1f} % of the demons step's median SSIM gain"
-                if args.keep_best and entry["ssim_gain_share"] > best.get("share", -np.inf):
+                # a field that folds on any validation pair fails the quality check: never kept
+                better = entry["ssim_gain_share"] > best.get("share", -np.inf)
+                if args.keep_best and entry["folding_max"] == 0.0 and better:
                     best.update(share=entry["ssim_gain_share"], step=step)
                     best["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
             validation.append(entry)
@@ -892,37 +1215,84 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = "python -m monai_twin.transforms.registration.learned " + shlex.join(
         list(sys.argv[1:] if argv is None else argv)
     )
-    result = train_voxelmorph(
-        pairs,
-        spatial_dims=pairs[0][0].ndim,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        smoothness=args.smoothness,
-        supervised=args.supervised,
-        nb_features=args.features,
-        integration_steps=args.integration_steps,
-        scale=args.scale,
-        pooling=args.pooling,
-        similarity=args.similarity,
-        fine_similarity=args.fine_similarity,
-        fine_ssim=args.fine_ssim,
-        ssim_crop=args.ssim_crop,
-        teacher_fields=teacher_fields,
-        distill=args.distill,
-        seed=args.seed,
-        identity_fraction=args.identity_fraction,
-        flip_axes=args.flip_axes,
-        initial_state=None if args.init is None else torch.load(args.init, map_location="cpu", weights_only=True),
-        out=args.out,
-        callback=callback,
-        config_extra={
-            "kind": args.kind,
-            "cohort_seed": args.cohort_seed,
-            "subjects": args.subjects,
-            "command": command,
-        },
-    )
+    if args.refine_features:
+        if args.init is None:
+            parser.error("--refine-features needs --init (the coarse model the refiner corrects)")
+        base = load_voxelmorph(args.init)
+        torch.manual_seed(args.seed)  # the refiner's initialisation
+        model = build_voxelmorph(
+            base.spatial_dims,
+            base.nb_features,
+            base.integration_steps,
+            base.scale,
+            base.pooling,
+            args.refine_features,
+            args.refine_scale,
+        )
+        if base.refine is None:
+            model.vxm.load_state_dict(base.vxm.state_dict())
+        else:  # a cascade of the same architecture: training goes on from its refiner too
+            try:
+                model.load_state_dict(base.state_dict())
+            except RuntimeError:
+                parser.error(f"{args.init} is a cascade with another refiner than --refine-features/--refine-scale")
+        result = train_refiner(
+            pairs,
+            model,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            similarity=args.similarity,
+            ssim=args.fine_ssim,
+            ssim_crop=args.ssim_crop,
+            smoothness=args.smoothness,
+            supervised=args.supervised,
+            coarse_learning_rate=args.coarse_lr,
+            seed=args.seed,
+            identity_fraction=args.identity_fraction,
+            flip_axes=args.flip_axes,
+            out=args.out,
+            callback=callback,
+            config_extra={
+                "kind": args.kind,
+                "cohort_seed": args.cohort_seed,
+                "subjects": args.subjects,
+                "coarse_model": json.loads(Path(args.init).with_suffix(".json").read_text()),
+                "command": command,
+            },
+        )
+    else:
+        result = train_voxelmorph(
+            pairs,
+            spatial_dims=pairs[0][0].ndim,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            smoothness=args.smoothness,
+            supervised=args.supervised,
+            nb_features=args.features,
+            integration_steps=args.integration_steps,
+            scale=args.scale,
+            pooling=args.pooling,
+            similarity=args.similarity,
+            fine_similarity=args.fine_similarity,
+            fine_ssim=args.fine_ssim,
+            ssim_crop=args.ssim_crop,
+            teacher_fields=teacher_fields,
+            distill=args.distill,
+            seed=args.seed,
+            identity_fraction=args.identity_fraction,
+            flip_axes=args.flip_axes,
+            initial_state=None if args.init is None else torch.load(args.init, map_location="cpu", weights_only=True),
+            out=args.out,
+            callback=callback,
+            config_extra={
+                "kind": args.kind,
+                "cohort_seed": args.cohort_seed,
+                "subjects": args.subjects,
+                "command": command,
+            },
+        )
     if validation:
         result["config"]["validation"] = {"seed": args.val_seed, "subjects": args.val_subjects, "curve": validation}
         if best:

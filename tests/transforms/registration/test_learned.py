@@ -14,12 +14,16 @@ from parameterized import parameterized
 from monai_twin.transforms.registration import registration_displacement, registration_record
 from monai_twin.transforms.registration.learned import (
     RegisterVoxelMorph,
+    ResidualRefiner,
     _normalise,
+    _warp,
     build_voxelmorph,
+    compose_displacements,
     demons_fields,
     displacement_smoothness,
     load_voxelmorph,
     masked_ssim_loss,
+    train_refiner,
     train_voxelmorph,
 )
 
@@ -335,6 +339,109 @@ class TestDistillationAndSSIM(_OneThread):
 
 
 BUNDLES = Path(__file__).resolve().parents[3] / "bundles"
+
+
+class TestCascade(_OneThread):
+    """The coarse U-Net followed by a full-resolution residual refiner."""
+
+    def test_composed_field_warps_like_the_two_warps_in_turn(self):
+        # smooth fields of a few voxels: warping by `first` then by `second` is one warp by the composition
+        y, x = torch.meshgrid(torch.arange(48.0), torch.arange(40.0), indexing="ij")
+        first = torch.stack([2.0 * torch.sin(x / 9.0), 1.5 * torch.cos(y / 7.0)])[None]
+        second = torch.stack([torch.cos(x / 6.0 + y / 11.0), -0.8 * torch.sin(y / 5.0)])[None]
+        image = torch.sin(x / 4.0)[None, None] * torch.cos(y / 5.0)[None, None]
+        twice = _warp(_warp(image, first), second)
+        inner = (slice(None), slice(None), slice(6, -6), slice(6, -6))
+
+        def error(disp):
+            return float((twice - _warp(image, disp))[inner].abs().mean())
+
+        composed = error(compose_displacements(first, second))
+        self.assertLess(composed, 0.005)  # bilinear interpolation, twice vs once
+        # neither the plain sum of the two fields nor the composition in the other order is that close
+        self.assertGreater(error(first + second), 3 * composed)
+        self.assertGreater(error(compose_displacements(second, first)), 3 * composed)
+
+    def test_untrained_refiner_leaves_the_coarse_field_and_weights_round_trip(self):
+        torch.manual_seed(0)
+        coarse = build_voxelmorph(2, (4, 4), integration_steps=2, scale=2)
+        cascade = build_voxelmorph(2, (4, 4), integration_steps=2, scale=2, refine_features=(4, 4), refine_scale=2)
+        cascade.vxm.load_state_dict(coarse.vxm.state_dict())
+        self.assertIsNone(coarse.refine)
+        source, target = torch.rand(2, 1, 30, 37), torch.rand(2, 1, 30, 37)
+        with torch.no_grad():
+            # the refiner's last convolution starts at zero: the cascade starts as the coarse model
+            torch.testing.assert_close(cascade(source, target), coarse(source, target))
+        with self.assertRaisesRegex(ValueError, "refine_scale 3 must divide"):
+            build_voxelmorph(2, (4, 4), scale=2, refine_features=(4,), refine_scale=3)
+        with self.assertRaisesRegex(ValueError, "multiple of scale"):
+            ResidualRefiner(2, (4,), scale=2)(torch.rand(1, 1, 9, 8), torch.rand(1, 1, 9, 8))
+        with self.assertRaisesRegex(ValueError, "needs a cascade"):
+            train_refiner(_pairs(2), coarse, steps=1)
+
+    def test_refiner_recovers_what_a_frozen_coarse_model_misses(self):
+        # a coarse model that predicts nothing (its flow layer zeroed) and is frozen: the shift can
+        # only come from the refiner, trained on the full-resolution image term alone
+        torch.manual_seed(0)
+        model = build_voxelmorph(2, (4, 4), integration_steps=2, scale=2, refine_features=(8, 8), refine_scale=2)
+        flow = [m for m in model.vxm.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        torch.nn.init.zeros_(flow.weight)
+        torch.nn.init.zeros_(flow.bias)
+        frozen = {k: v.clone() for k, v in model.vxm.state_dict().items()}
+        with TemporaryDirectory() as tmp:
+            path = Path(tmp) / "cascade.pt"
+            result = train_refiner(
+                _pairs(),
+                model,
+                steps=150,
+                batch_size=3,
+                learning_rate=3e-3,
+                similarity=1.0,
+                ssim=0.0,
+                smoothness=0.01,
+                log_every=0,
+                out=path,
+            )
+            self.assertLess(np.mean(result["losses"][-10:]), 0.6 * np.mean(result["losses"][:10]))
+            for key, value in result["model"].vxm.state_dict().items():
+                self.assertTrue(torch.equal(value, frozen[key]), key)
+            record = json.loads(path.with_suffix(".json").read_text())
+            self.assertEqual(
+                (record["architecture"]["refine_features"], record["architecture"]["refine_scale"]), ([8, 8], 2)
+            )
+            self.assertEqual(record["refiner_training"]["coarse_learning_rate"], 0.0)
+            loaded = load_voxelmorph(path)  # weights_only, the refiner rebuilt from the JSON
+            for a, b in zip(loaded.state_dict().values(), result["model"].state_dict().values()):
+                self.assertTrue(torch.equal(a, b))
+        moving = phantom(SHAPE, AFFINE, lambda y: y - SHIFT.reshape(2, 1, 1))
+        out = RegisterVoxelMorph(loaded)(moving, phantom(SHAPE, AFFINE))
+        field = registration_displacement(out, space="world")[:, 8:-8, 8:-8].mean((1, 2)).numpy()
+        np.testing.assert_allclose(field, SHIFT, atol=0.3)
+        self.assertEqual(registration_record(out)["stages"], ["voxelmorph"])
+        # without its refiner the cascade is the zeroed coarse stage: no displacement at all
+        coarse_only = RegisterVoxelMorph(loaded, refine=False)(moving, phantom(SHAPE, AFFINE))
+        self.assertEqual(float(registration_displacement(coarse_only, space="world").abs().max()), 0.0)
+
+    def test_supervised_and_ssim_terms_fine_tune_the_coarse_model_when_asked(self):
+        torch.manual_seed(0)
+        model = build_voxelmorph(2, (4, 4), integration_steps=2, scale=2, refine_features=(4,), refine_scale=1)
+        before = {k: v.clone() for k, v in model.vxm.state_dict().items()}
+        result = train_refiner(
+            _pairs(4),
+            model,
+            steps=5,
+            batch_size=2,
+            ssim=1.0,
+            ssim_crop=16,
+            supervised=1.0,
+            coarse_learning_rate=1e-3,
+            identity_fraction=0.5,
+            flip_axes=(1,),
+            log_every=0,
+        )
+        self.assertTrue(np.isfinite(result["losses"]).all())
+        self.assertTrue(any(not torch.equal(v, before[k]) for k, v in result["model"].vxm.state_dict().items()))
+        self.assertEqual(result["config"]["refiner_training"]["identity_pairs"], 2)
 
 
 class TestShippedWeights(unittest.TestCase):
