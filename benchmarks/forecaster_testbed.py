@@ -230,6 +230,9 @@ def _evaluate(net, samples, changed, area, regions, scale, spacing_mm2, locf_uni
                         "ssim": sv,
                         "mse": mv,
                         "area_err_mm2": abs(g - true_change),
+                        "prior_scans": "one" if key[1] == 1 else "two+",
+                        "area_change_mm2": g,
+                        "true_change_mm2": true_change,
                     }
                 )
         if "future_ehr" in batch and future.shape[-1]:
@@ -248,7 +251,14 @@ def _evaluate(net, samples, changed, area, regions, scale, spacing_mm2, locf_uni
     frame = pd.DataFrame(rows)
     table = frame.groupby(["changed", "model"])[["psnr", "ssim", "mse", "area_err_mm2"]].mean().unstack("model")
     ehr = pd.DataFrame(ehr_rows).mean() if ehr_rows else None
-    return table, ehr
+    by_history = frame.groupby(["prior_scans", "changed", "model"])[["psnr", "area_err_mm2"]].mean().unstack("model")
+    by_history["n"] = frame[frame["model"] == "twin"].groupby(["prior_scans", "changed"]).size()
+    if area:  # how much of the true lesion-area change the forecasts reproduce
+        twin = frame[frame["model"] == "twin"]
+        by_history["area_slope"] = twin.groupby(["prior_scans", "changed"])[
+            ["area_change_mm2", "true_change_mm2"]
+        ].apply(lambda g: np.polyfit(g["true_change_mm2"], g["area_change_mm2"], 1)[0] if len(g) > 2 else np.nan)
+    return table, ehr, by_history
 
 
 def _what_if(net, manifest, cohort, subjects, images, masks, encode, scale, spacing_mm2, max_history, visits="last"):
@@ -506,10 +516,12 @@ def main() -> None:
             trained = f"weights loaded from {args.load}"
         else:
             trained = _train(net, loaders, work, conditioning, args)
-        table, ehr = _evaluate(net, data["test"], changed, area, regions, scale, voxel, units)
+        table, ehr, by_history = _evaluate(net, data["test"], changed, area, regions, scale, voxel, units)
         seconds = time.perf_counter() - t0
         print(f"\n== conditioning={conditioning} ({trained}; {seconds:.0f} s in all)")
         print(table.round(4).to_string())
+        print("   by prior scans (area_slope: least-squares slope of the twin's lesion-area change on the true one):")
+        print(by_history.round(3).to_string())
         row = {"seconds": seconds}
         for flag, label in ((True, "changed"), (False, "unchanged")):
             if flag in table.index:
