@@ -126,6 +126,31 @@ def _box_count(image: np.ndarray, prior: np.ndarray, box) -> float:
     return float((d > LESION_STEP).sum() - (d < -LESION_STEP).sum())
 
 
+def _testbed_split(manifest, cohort: Path, seed: int, strict: bool = False) -> dict[str, list[str]]:
+    """The subjects' training / validation / test split exactly as ``forecaster_testbed.py`` makes it
+    (``split_subjects(manifest.subjects, (0.7, 0.15, 0.15), seed=--seed)`` on the same cohort), so a
+    ConvLSTM base trained by the testbed never saw a subject this benchmark tests on.
+
+    ``strict``: the testbed uses one ``--seed`` for the cohort and the split; a cohort simulated with
+    another seed than ``seed`` would give another split than the base's, so it is refused.
+    """
+    import json
+
+    from monai_twin.data import split_subjects
+
+    cohort_seed = json.loads((Path(cohort) / "cohort.json").read_text()).get("seed")
+    if strict and cohort_seed is not None and int(cohort_seed) != int(seed):
+        raise SystemExit(
+            f"{cohort} was simulated with seed {cohort_seed}: the testbed split its subjects with that seed, "
+            f"--seed {seed} would test on subjects its ConvLSTM base trained on"
+        )
+    split = split_subjects(manifest.subjects, (0.7, 0.15, 0.15), seed=seed)
+    overlap = set(split["test"]) & (set(split["training"]) | set(split["validation"]))
+    if overlap:
+        raise RuntimeError(f"test subjects also in training / validation: {sorted(overlap)[:5]}")
+    return split
+
+
 def _load_or_train(module, path, train) -> tuple[list[float], float]:
     """Load ``module``'s weights (an autoencoder or a twin) from ``path`` if that file exists, else
     run ``train()`` (which returns the epoch losses) and save the weights there when ``path`` is given.
@@ -146,6 +171,30 @@ def _load_or_train(module, path, train) -> tuple[list[float], float]:
     return losses, time.perf_counter() - t0
 
 
+#: how the per-pixel std map of N samples becomes one uncertainty number per visit (``--uncertainty``;
+#: ``monai_twin.inferers.diffusion.summarise_uncertainty``; the Spearman against the visit's mean
+#: absolute error is the issue's figure): ``image``: the mean over the image; ``top5``: the mean of
+#: its largest 5 %; ``change``: the mean of std x (the base forecast moves from the prior by more than
+#: the floor); ``image+history``: sqrt(std^2 + s^2) averaged over the image, ``s`` the spread of the
+#: ConvLSTM base over its 1..4 most recent prior scans (the base forecaster's own uncertainty,
+#: ``--base-history-std``).
+UNCERTAINTY_SUMMARIES = ("image", "top5", "change", "image+history")
+
+
+def _uncertainty_summaries(std, priors, bases=None, history_std=None, floor=0.02) -> dict[str, np.ndarray]:
+    """Per-visit summaries (:data:`UNCERTAINTY_SUMMARIES`) of the std maps ``std`` ``(N, 1, H, W)``:
+    ``change`` only with the base forecasts ``bases``, ``image+history`` only with the base's spread
+    over its prior scans ``history_std`` too."""
+    from monai_twin.inferers.diffusion import summarise_uncertainty
+
+    out = {u: summarise_uncertainty(std, u).numpy() for u in ("image", "top5")}
+    if bases is not None:
+        out["change"] = summarise_uncertainty(std, "change", prior=priors, base=bases, floor=floor).numpy()
+        if history_std is not None:
+            out["image+history"] = summarise_uncertainty(std, "image+history", base_std=history_std).numpy()
+    return out
+
+
 def _pearson(x, y) -> float:
     from scipy.stats import pearsonr
 
@@ -163,6 +212,47 @@ def _convlstm_keys():
     return ("history", "target", *FORECAST_CONDITION_KEYS)
 
 
+def _convlstm_encoding(args) -> dict:
+    """The ConvLSTM twin's EHR encoding options (``forecaster_testbed._encoders`` / ``_samples``):
+    ``--convlstm-testbed`` carries labs forward as the testbed does by default, and
+    ``--cumulative-exposure`` adds each drug's dose x days to the interval features."""
+    return {"carry_forward": bool(args.convlstm_testbed), "cumulative_exposure": bool(args.cumulative_exposure)}
+
+
+def _build_convlstm(args, vocabulary, interval_dim: int, static_dim: int):
+    """The ConvLSTM twin (``TwinForecaster``, ST-FiLM, 16/32 channels, 32 hidden, up to 4 prior scans).
+
+    With ``--convlstm-testbed`` it is the network ``forecaster_testbed.py --conditioning stfilm`` builds
+    with its defaults (the isolated future CA 15-3 head on the carried-forward lab, instance norm,
+    flow scale 4) and ``--change`` = ``--convlstm-change``, so that a testbed checkpoint loads
+    (strictly: a mismatch raises)."""
+    from monai_twin.networks import TwinForecaster
+    from monai_twin.transforms.ehr import EHRToIntervalFeatures
+
+    extra = {"change": args.convlstm_change}
+    if args.convlstm_testbed:
+        from forecaster_testbed import FUTURE_CODE
+
+        names = EHRToIntervalFeatures(vocabulary).feature_names  # as the testbed computes the index
+        extra |= {
+            "future_ehr_dim": 1,
+            "future_ehr_base": [names.index(f"{FUTURE_CODE['mammo2d']}:last")],
+            "isolate_ehr_head": True,
+            "flow_scale": 4.0,
+        }
+    return TwinForecaster(
+        2,
+        1,
+        channels=(16, 32),
+        hidden_channels=32,
+        ehr_interval_dim=interval_dim,
+        ehr_static_dim=static_dim,
+        conditioning="stfilm",
+        max_history=4,
+        **extra,
+    )
+
+
 def _train_convlstm(args, manifest, images, vocabulary, split):
     """The ConvLSTM twin (``TwinForecaster``, ST-FiLM, up to 4 prior scans) trained on the training subjects
     (loaded from ``--convlstm`` if that file exists, else saved there).
@@ -176,24 +266,19 @@ def _train_convlstm(args, manifest, images, vocabulary, split):
 
     from monai_twin.data import build_longitudinal_items
     from monai_twin.engines import ForecastPrepareBatch
-    from monai_twin.networks import TwinForecaster
 
     keys = _convlstm_keys()
     training = forecaster_samples(
-        manifest, build_longitudinal_items(manifest, max_history=4, subjects=split["training"]), images, vocabulary, 4
+        manifest,
+        build_longitudinal_items(manifest, max_history=4, subjects=split["training"]),
+        images,
+        vocabulary,
+        4,
+        **_convlstm_encoding(args),
     )
     tensors = [{k: s[k] for k in keys if k in s} for s in training]
     torch.manual_seed(args.seed)
-    net = TwinForecaster(
-        2,
-        1,
-        channels=(16, 32),
-        hidden_channels=32,
-        ehr_interval_dim=tensors[0]["ehr_intervals"].shape[-1],
-        ehr_static_dim=tensors[0]["ehr_static"].shape[-1],
-        conditioning="stfilm",
-        max_history=4,
-    )
+    net = _build_convlstm(args, vocabulary, tensors[0]["ehr_intervals"].shape[-1], tensors[0]["ehr_static"].shape[-1])
     t0 = time.perf_counter()
     if args.convlstm and Path(args.convlstm).is_file():
         net.load_state_dict(torch.load(args.convlstm, weights_only=True))
@@ -216,15 +301,15 @@ def _train_convlstm(args, manifest, images, vocabulary, split):
     return net, time.perf_counter() - t0
 
 
-def _convlstm_predict(net, items, images, vocabulary, batch_size=32) -> torch.Tensor:
+def _convlstm_predict(net, items, images, vocabulary, encoding=None, batch_size=32) -> torch.Tensor:
     """The ConvLSTM twin's forecasts ``(N, 1, H, W)`` (clamped to [0, 1]) of longitudinal ``items``
-    (``max_history=4``; their ``events`` may be edited)."""
+    (``max_history=4``; their ``events`` may be edited; ``encoding``: :func:`_convlstm_encoding`)."""
     from forecaster_testbed import _encoders
     from forecaster_testbed import _sample as forecaster_sample
 
     from monai_twin.engines import FORECAST_CONDITION_KEYS
 
-    encode = _encoders(vocabulary, 4)
+    encode = _encoders(vocabulary, 4, **(encoding or {}))
     samples = [forecaster_sample(item, images, encode, target=False) for item in items]
     out = []
     with torch.no_grad():
@@ -250,7 +335,12 @@ def _convlstm_section(args, manifest, images, vocabulary, split, data, trained=N
     keys = _convlstm_keys()
     fdata = {
         "test": forecaster_samples(
-            manifest, build_longitudinal_items(manifest, max_history=4, subjects=split["test"]), images, vocabulary, 4
+            manifest,
+            build_longitudinal_items(manifest, max_history=4, subjects=split["test"]),
+            images,
+            vocabulary,
+            4,
+            **_convlstm_encoding(args),
         )
     }
     ssim = SSIMMetric(spatial_dims=2, data_range=1.0, reduction="none")
@@ -431,6 +521,31 @@ def main() -> None:
         "--convlstm", default=None, help="ConvLSTM twin weights: loaded if the file exists, else saved there"
     )
     parser.add_argument(
+        "--cohort",
+        default=None,
+        help="an existing 2D cohort folder (read only), e.g. the forecaster testbed's <workdir>/mammo2d_600_64_<seed>; "
+        "default: <workdir>/mammo2d_<subjects>_<size>_<seed>, simulated if missing",
+    )
+    parser.add_argument(
+        "--convlstm-testbed",
+        action="store_true",
+        help="build and encode the ConvLSTM twin as forecaster_testbed.py --conditioning stfilm does (carried-forward "
+        "labs, its future CA 15-3 head), so that --convlstm can be one of its network_key_metric*.pt; checks that the "
+        "cohort's seed is --seed (the testbed's split)",
+    )
+    parser.add_argument(
+        "--convlstm-change",
+        default="additive",
+        choices=["additive", "deformation"],
+        help="the ConvLSTM twin's change head (forecaster_testbed.py --change)",
+    )
+    parser.add_argument(
+        "--cumulative-exposure",
+        action="store_true",
+        help="the ConvLSTM twin's interval features also hold each drug's dose x days (forecaster_testbed.py "
+        "--cumulative-exposure)",
+    )
+    parser.add_argument(
         "--base-forecast",
         default="none",
         choices=["none", "convlstm"],
@@ -463,6 +578,12 @@ def main() -> None:
         "--val-whatif-visits", type=int, default=40, help="validation visits with a lesion used by --select-guidance"
     )
     parser.add_argument(
+        "--whatif-max-visits",
+        type=int,
+        default=0,
+        help="the test what-if on the first N test visits with a lesion (in split order; 0: all of them)",
+    )
+    parser.add_argument(
         "--report-all-guidance", action="store_true", help="with --select-guidance also report the other candidates"
     )
     parser.add_argument(
@@ -471,6 +592,20 @@ def main() -> None:
         nargs="+",
         default=[0.0],
         help="DDIM eta (step noise); several: chosen by the per-subject uncertainty Spearman on validation",
+    )
+    parser.add_argument(
+        "--uncertainty",
+        nargs="+",
+        default=["image"],
+        choices=list(UNCERTAINTY_SUMMARIES),
+        help="per-visit summary of the std map for the uncertainty Spearman; several: chosen with --eta on validation "
+        "(change and image+history need --base-forecast convlstm; image+history also --base-history-std)",
+    )
+    parser.add_argument(
+        "--base-history-std",
+        action="store_true",
+        help="with a ConvLSTM base: also forecast each validation / test visit from its 1, 2, 3 and 4 most recent "
+        "prior scans; the per-pixel spread is the base's own uncertainty (--uncertainty image+history)",
     )
     parser.add_argument("--lr", type=float, default=1e-3, help="denoiser learning rate")
     parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
@@ -493,7 +628,7 @@ def main() -> None:
     from monai.metrics import PSNRMetric, SSIMMetric
     from scipy.stats import pearsonr, spearmanr
 
-    from monai_twin.data import build_longitudinal_items, edit_events, load_manifest, split_subjects
+    from monai_twin.data import build_longitudinal_items, edit_events, load_manifest
     from monai_twin.data.synthetic import Mammo2DConfig, load_subject, resimulate, write_cohort
     from monai_twin.engines import encode_latents, null_ehr_sample, train_autoencoder, train_diffusion_twin
     from monai_twin.inferers import (
@@ -510,15 +645,24 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="diffusion_twin_"))
-    cohort = work / f"mammo2d_{args.subjects}_{args.size}_{args.seed}"
     t0 = time.perf_counter()
-    if not (cohort / "cohort.json").is_file():
-        write_cohort("mammo2d", cohort, args.subjects, args.seed, Mammo2DConfig(size=args.size), workers=1)
+    if args.cohort:  # an existing cohort (e.g. the forecaster testbed's), read only
+        cohort = Path(args.cohort)
+        if not (cohort / "cohort.json").is_file():
+            raise SystemExit(f"--cohort {cohort}: no cohort.json there")
+    else:
+        cohort = work / f"mammo2d_{args.subjects}_{args.size}_{args.seed}"
+        if not (cohort / "cohort.json").is_file():
+            write_cohort("mammo2d", cohort, args.subjects, args.seed, Mammo2DConfig(size=args.size), workers=1)
     manifest = load_manifest(cohort, check_images="exists")
     images = _aligned_images(cohort)
     truth_frame = pd.read_parquet(cohort / "truth.parquet")
     truth = {(r.subject_id, int(r.visit)): r._asdict() for r in truth_frame.itertuples()}
-    split = split_subjects(manifest.subjects, (0.7, 0.15, 0.15), seed=args.seed)
+    split = _testbed_split(manifest, cohort, args.seed, strict=args.convlstm_testbed)
+    print(
+        f"split (forecaster testbed's: split_subjects 0.7 / 0.15 / 0.15, seed {args.seed}): "
+        f"{len(split['training'])} training / {len(split['validation'])} validation / {len(split['test'])} test subjects"
+    )
     vocabulary = EHRVocabulary.fit(manifest.events, manifest.static, subjects=split["training"])
     data = {
         name: _samples(
@@ -554,11 +698,36 @@ def main() -> None:
                 items4[(item["subject_id"], item["target_index"])] = item
             part = data[name]
             bases = _convlstm_predict(
-                convlstm[0], [items4[(m["subject_id"], m["target_index"])] for _, m in part], images, vocabulary
+                convlstm[0],
+                [items4[(m["subject_id"], m["target_index"])] for _, m in part],
+                images,
+                vocabulary,
+                _convlstm_encoding(args),
             )
             for (sample, _), base in zip(part, bases):
                 sample["base_image"] = base
         print(f"base forecasts (ConvLSTM twin) of every pair in {time.perf_counter() - t0:.0f} s")
+        if args.base_history_std:
+            # the base forecaster's own uncertainty: its spread over the 1, 2, 3 and 4 most recent prior scans
+            t0 = time.perf_counter()
+            for name in ("validation", "test"):
+                part = data[name]
+                keys = [(m["subject_id"], m["target_index"]) for _, m in part]
+                runs = [torch.stack([s["base_image"] for s, _ in part])]
+                for k in (1, 2, 3):
+                    items_k = {
+                        (i["subject_id"], i["target_index"]): i
+                        for i in build_longitudinal_items(manifest, max_history=k, subjects=split[name])
+                    }
+                    runs.append(
+                        _convlstm_predict(
+                            convlstm[0], [items_k[key] for key in keys], images, vocabulary, _convlstm_encoding(args)
+                        )
+                    )
+                spread = torch.stack(runs).std(0)
+                for (sample, _), sd in zip(part, spread):
+                    sample["base_history_std"] = sd
+            print(f"base spread over 1..4 prior scans (validation, test) in {time.perf_counter() - t0:.0f} s")
 
     # ---- autoencoder
     ae_config = autoencoder_config(
@@ -634,6 +803,7 @@ def main() -> None:
 
     data_lookup = {(m["subject_id"], m["target_index"]): s for s, m in data["test"] + data["validation"]}
     lesion_test = [(s, m) for s, m in data["test"] if boxes[m["subject_id"]] is not None]
+    lesion_test_what_if = lesion_test[: args.whatif_max_visits] if args.whatif_max_visits else lesion_test
     lesion_validation = [(s, m) for s, m in data["validation"] if boxes[m["subject_id"]] is not None]
 
     def what_if_eval(inferer, net, pairs, guidances, floors, keep_output=False, chunk=16) -> dict:
@@ -673,7 +843,11 @@ def main() -> None:
             box = boxes[meta["subject_id"]]
             read_true.append(intensity_gain * float((cf_image - recorded_image)[box].sum()) * spacing**2)
         out = {"true": true, "read_true": read_true, "predicted_sum": {}, "predicted_area": {}, "base_sum": []}
-        edited_base = _convlstm_predict(convlstm[0], edited_items4, images, vocabulary) if use_base else None
+        edited_base = (
+            _convlstm_predict(convlstm[0], edited_items4, images, vocabulary, _convlstm_encoding(args))
+            if use_base
+            else None
+        )
         if use_base:
             for i, (s, meta) in enumerate(pairs):
                 diff = (edited_base[i] - s["base_image"])[0].numpy()
@@ -801,8 +975,14 @@ def main() -> None:
         twins[kind] = (net, inferer)
 
         def forecast_eval(pairs, eta, net=net, inferer=inferer):
-            """Forecasts (mean of N samples, in chunks) of ``pairs`` and the uncertainty Spearmans:
-            per-visit mean std vs mean absolute error, over visits and over subjects (their means)."""
+            """Forecasts (mean of N samples, in chunks) of ``pairs`` and the uncertainty Spearmans of
+            each way of summing the std map into one number per visit (:data:`UNCERTAINTY_SUMMARIES`)
+            against the visit's mean absolute error, over visits and over subjects (their means).
+
+            Returns:
+                the mean forecasts, the std maps, ``{summary: (rho_visits, rho_subjects)}`` and the
+                number of subjects.
+            """
             priors = torch.stack([s["prior_image"] for s, _ in pairs])
             targets = torch.stack([s["target_image"] for s, _ in pairs])
             cond = _stack([s for s, _ in pairs], DIFFUSION_CONDITION_KEYS + DIFFUSION_OPTIONAL_KEYS)
@@ -823,31 +1003,38 @@ def main() -> None:
                 stds.append(out["std"])
             mean, std = torch.cat(means), torch.cat(stds)
             abs_err = (mean - targets).abs().flatten(1).mean(1).numpy()
-            mean_std = std.flatten(1).mean(1).numpy()
-            frame = (
-                pd.DataFrame({"sid": [m["subject_id"] for _, m in pairs], "std": mean_std, "err": abs_err})
-                .groupby("sid")
-                .mean()
+            history_std = (
+                torch.stack([s["base_history_std"] for s, _ in pairs]) if use_base and args.base_history_std else None
             )
-            rho = (spearmanr(mean_std, abs_err).statistic, spearmanr(frame["std"], frame["err"]).statistic)
-            return mean, std, rho, len(frame)
+            scores = _uncertainty_summaries(std, priors, bases, history_std, args.change_threshold)
+            sids = [m["subject_id"] for _, m in pairs]
+            rho = {}
+            for name, score in scores.items():
+                frame = pd.DataFrame({"sid": sids, "u": score, "err": abs_err}).groupby("sid").mean()
+                rho[name] = (spearmanr(score, abs_err).statistic, spearmanr(frame["u"], frame["err"]).statistic)
+            return mean, std, rho, len(set(sids))
 
-        # the DDIM eta (step noise) chosen on the validation visits by the per-subject uncertainty Spearman
+        # the DDIM eta (step noise) and the summary of the std map chosen on the validation visits by
+        # the per-subject uncertainty Spearman
         etas = list(dict.fromkeys(args.eta))
-        if len(etas) > 1:
+        summaries = list(dict.fromkeys(args.uncertainty))
+        if len(etas) > 1 or len(summaries) > 1:
             val_rho = {e: forecast_eval(data["validation"], e)[2] for e in etas}
-            eta = max(etas, key=lambda e: (np.nan_to_num(val_rho[e][1], nan=-2.0), -e))
+            candidates = [(e, u) for e in etas for u in summaries if u in val_rho[e]]
+            eta, summary = max(candidates, key=lambda c: (np.nan_to_num(val_rho[c[0]][c[1]][1], nan=-2.0), -c[0]))
             print(
-                f"DDIM eta chosen on {len(data['validation'])} validation visits: "
-                + ", ".join(f"eta {e}: Spearman {val_rho[e][0]:.3f} / {val_rho[e][1]:.3f}" for e in etas)
-                + f" (visits / subjects) -> {eta}"
+                f"DDIM eta and std summary chosen on {len(data['validation'])} validation visits "
+                "(Spearman over visits / subjects):\n"
+                + "\n".join(f"   eta {e}, {u}: {val_rho[e][u][0]:.3f} / {val_rho[e][u][1]:.3f}" for e, u in candidates)
+                + f"\n   -> eta {eta}, {summary}"
             )
         else:
-            eta = etas[0]
+            eta, summary = etas[0], summaries[0]
         inferer.eta = eta
 
         # forecasts
-        mean, std, (rho_items, rho_subjects), n_subjects = forecast_eval(data["test"], eta)
+        mean, std, test_rho, n_subjects = forecast_eval(data["test"], eta)
+        rho_items, rho_subjects = test_rho[summary]
         rows = []
         models = [("diffusion", mean), ("copy_last", prior_images)]
         if use_base:
@@ -869,9 +1056,15 @@ def main() -> None:
         print(table.round(3).to_string())
 
         print(
-            f"uncertainty (eta {eta}): Spearman(mean std, mean abs error) = {rho_items:.3f} over {len(test_meta)} "
-            f"test items, {rho_subjects:.3f} over {n_subjects} subjects (target >= 0.5)"
+            f"uncertainty (eta {eta}, {summary}): Spearman(per-visit std summary, mean abs error) = {rho_items:.3f} "
+            f"over {len(test_meta)} test items, {rho_subjects:.3f} over {n_subjects} subjects (target >= 0.5)"
         )
+        others = [u for u in test_rho if u != summary]
+        if others:
+            print(
+                "   the other summaries on test (not chosen; visits / subjects): "
+                + ", ".join(f"{u} {test_rho[u][0]:.3f} / {test_rho[u][1]:.3f}" for u in others)
+            )
 
         # null-EHR check
         null_cond = {k: v.clone() for k, v in conditions.items()}
@@ -920,7 +1113,7 @@ def main() -> None:
             report_floors = [chosen[1]] + ([f for f in floors if f != chosen[1]] if args.report_all_guidance else [])
         else:
             chosen, report_guidances, report_floors = configs[0], guidances, floors
-        wi = what_if_eval(inferer, net, lesion_test, report_guidances, report_floors)
+        wi = what_if_eval(inferer, net, lesion_test_what_if, report_guidances, report_floors)
         true, read_true = wi["true"], wi["read_true"]
         print(
             f"what-if (stop the drug after the last prior scan, or start 40 mg/day): n = {len(true)} test visits, "
@@ -963,7 +1156,7 @@ def main() -> None:
             )
             j = int(np.argmax(np.abs(true)))
             one_what_if = what_if_eval(
-                inferer, net, lesion_test[j : j + 1], [chosen[0]], [chosen[1]], keep_output=True
+                inferer, net, lesion_test_what_if[j : j + 1], [chosen[0]], [chosen[1]], keep_output=True
             )["output"]
             one_item = {k: v[0] for k, v in one_what_if.items()}  # (1, H, W): save_what_if_png draws one item
             save_what_if_png(one_item, fig / "diffusion_what_if.png", title="stop / start the drug after the last scan")

@@ -26,8 +26,10 @@ __all__ = [
     "DIFFUSION_OPTIONAL_KEYS",
     "LatentTwinInferer",
     "TwinDiffusionInferer",
+    "UNCERTAINTY_SUMMARIES",
     "make_scheduler",
     "save_forecast_png",
+    "summarise_uncertainty",
 ]
 
 #: Batch keys the twin receives as keyword conditions (besides ``prior``).
@@ -448,6 +450,57 @@ class LatentTwinInferer(TwinDiffusionInferer):
             "counterfactual_std": edit["std"],
             "difference_std": paired.std(0) if n_samples > 1 else torch.zeros_like(paired[0]),
         }
+
+
+#: The ways :func:`summarise_uncertainty` turns a per-voxel std map into one number per item.
+UNCERTAINTY_SUMMARIES = ("image", "top5", "change", "image+history")
+
+
+def summarise_uncertainty(
+    std: torch.Tensor,
+    summary: str = "image",
+    *,
+    prior: torch.Tensor | None = None,
+    base: torch.Tensor | None = None,
+    base_std: torch.Tensor | None = None,
+    floor: float = 0.02,
+) -> torch.Tensor:
+    """One uncertainty number per item from the per-voxel std of its samples (``forecast()["std"]``).
+
+    Args:
+        std: ``(B, C, *spatial)`` per-voxel standard deviation of the samples.
+        summary: ``"image"``: the mean over the image; ``"top5"``: the mean of its largest 5 % (where
+            the samples disagree most); ``"change"``: the mean of ``std`` where the forecast moves,
+            i.e. where ``|base - prior| > floor`` (zero elsewhere; divided by the whole image size, so
+            an item with little predicted change scores low); ``"image+history"``: the mean of
+            ``sqrt(std**2 + base_std**2)``, adding the deterministic base forecaster's own spread
+            (e.g. the ConvLSTM twin's forecasts from its 1..4 most recent prior scans), as the
+            variance of two independent error sources.
+        prior, base: the prior image and the base forecast (``"change"``).
+        base_std: the base forecaster's per-voxel spread, the shape of ``std`` (``"image+history"``).
+        floor: the change that counts as a move (image units; ``"change"``).
+
+    Returns:
+        ``(B,)`` tensor.
+    """
+    if summary not in UNCERTAINTY_SUMMARIES:
+        raise ValueError(f"summary must be one of {UNCERTAINTY_SUMMARIES}, got {summary!r}.")
+    flat = std.flatten(1)
+    if summary == "image":
+        return flat.mean(1)
+    if summary == "top5":
+        k = max(1, int(round(0.05 * flat.shape[1])))
+        return flat.topk(k, dim=1).values.mean(1)
+    if summary == "change":
+        if prior is None or base is None:
+            raise ValueError("summary='change' needs prior= and base=.")
+        moved = ((base - prior).abs() > floor).to(std.dtype)
+        return (std * moved).flatten(1).mean(1)
+    if base_std is None:
+        raise ValueError("summary='image+history' needs base_std=.")
+    if base_std.shape != std.shape:
+        raise ValueError(f"base_std {tuple(base_std.shape)} and std {tuple(std.shape)} must have the same shape.")
+    return (std**2 + base_std**2).sqrt().flatten(1).mean(1)
 
 
 def save_forecast_png(
