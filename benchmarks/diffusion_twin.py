@@ -45,6 +45,23 @@ prior latent and the EHR tokens still in its condition, and a forecast decodes a
 the floors apply to the change from each base, and the base forecasts' own what-if r is printed
 beside the twin's; the forecast table gains a ``base_convlstm`` row, and the null-EHR check uses the
 prior as the base.
+
+A base trained by ``forecaster_testbed.py`` (its ``network_key_metric*.pt``): ``--cohort`` names the
+testbed's cohort folder (read only), ``--convlstm-testbed`` builds and encodes the ConvLSTM twin as
+the testbed does (carried-forward labs, its future CA 15-3 head; the checkpoint loads strictly),
+``--convlstm-change`` / ``--cumulative-exposure`` repeat the testbed's ``--change`` /
+``--cumulative-exposure``, and ``--seed`` must be the cohort's seed: the subjects are split exactly as
+the testbed splits them (``_testbed_split``), so no test subject was in the base's training split::
+
+    OMP_NUM_THREADS=1 python benchmarks/diffusion_twin.py --cohort /tmp/fc/big/mammo2d_600_64_0 --seed 0 \
+        --base-forecast convlstm --convlstm network_key_metric=40.3233.pt --convlstm-testbed \
+        --convlstm-change deformation --cumulative-exposure --convlstm-epochs 25 --base-history-std ...
+
+The uncertainty figure sums each visit's std map into one number (``--uncertainty``, see
+``UNCERTAINTY_SUMMARIES``): over the image, its top 5 %, where the base forecast moves, or together
+with the base's own spread over its 1..4 most recent prior scans (``--base-history-std``); several
+summaries are candidates chosen with ``--eta`` on the validation subjects. ``--whatif-max-visits N``
+limits the test what-if to the first N test visits with a lesion (to fit a time budget).
 """
 
 from __future__ import annotations
