@@ -291,10 +291,12 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     network's forward pass)."""
     flat = x.flatten(1)
     flat = flat[:, :: max(1, flat.shape[1] // 16384)]
-    # order statistics by selection (kthvalue), not a full sort: a third of the time of torch.quantile
-    last = flat.shape[1] - 1
-    lo = flat.kthvalue(int(round(0.01 * last)) + 1, dim=1).values.reshape(-1, *([1] * (x.ndim - 1)))
-    hi = flat.kthvalue(int(round(0.99 * last)) + 1, dim=1).values.reshape(-1, *([1] * (x.ndim - 1)))
+    # order statistics by partial selection, not a full sort: the k-th smallest is the last of the k
+    # smallest (topk of a 1 % tail: the same values as kthvalue, in half its time; a sixth of torch.quantile's)
+    n = flat.shape[1]
+    k_lo, k_hi = int(round(0.01 * (n - 1))) + 1, int(round(0.99 * (n - 1))) + 1
+    lo = flat.topk(k_lo, dim=1, largest=False).values[:, -1].reshape(-1, *([1] * (x.ndim - 1)))
+    hi = flat.topk(n - k_hi + 1, dim=1).values[:, -1].reshape(-1, *([1] * (x.ndim - 1)))
     return ((x - lo) / torch.clamp(hi - lo, min=1e-6)).clamp(-0.5, 1.5)
 
 
@@ -887,10 +889,9 @@ class RegisterVoxelMorph(InvertibleTransform):
                 raise ValueError(f"{name} is constant: an empty or blank image cannot be registered.")
         pair = _normalise(torch.stack([on_grid, fixed_img.as_tensor().float()[:1]]).to(self.device))
         source, target = pair[:1], pair[1:]
-        with torch.no_grad():
-            disp_vox = (self.model(source, target) if self.refine else self.model(source, target, refine=False)).cpu()[
-                0
-            ]
+        with torch.inference_mode():  # no autograd bookkeeping at all (no_grad still tracks versions)
+            disp = self.model(source, target) if self.refine else self.model(source, target, refine=False)
+        disp_vox = disp.cpu()[0]
         # voxel pull-back on the fixed grid -> mm in RAS world: rotate/scale by the grid's linear part
         # (in float32, the field's precision: a float64 copy of the field costs more than the network's input)
         disp_mm = torch.einsum("ij,j...->i...", f_aff[:ndim, :ndim].to(disp_vox.dtype), disp_vox)
