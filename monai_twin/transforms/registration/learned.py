@@ -14,6 +14,13 @@ runs as a script to train a model per modality::
     python -m monai_twin.transforms.registration.learned --kind mammo2d --out vxm_mammo2d.pt
     python -m monai_twin.transforms.registration.learned --kind mri_roi3d --out vxm_mri3d.pt
 
+A cascade adds a :class:`ResidualRefiner` after the U-Net: a few convolutions on the
+full-resolution images (space-to-depth folded) predict a residual composed with the coarse field,
+trained by :func:`train_refiner` from an existing model::
+
+    python -m monai_twin.transforms.registration.learned --kind mammo2d --init vxm_mammo2d.pt \
+        --refine-features 16 16 16 --refine-scale 4 --fine-ssim 1.0 --ssim-crop 128 --out vxm_cascade.pt
+
 Weights are saved as a plain dict (``state_dict`` + ``config``) and loaded with
 ``torch.load(..., weights_only=True)``.
 """
