@@ -627,8 +627,9 @@ def train_refiner(
     Args:
         pairs: ``(moving, fixed, true_field_or_None)`` as for :func:`train_voxelmorph`.
         model: a cascade (built with ``refine_features``), its coarse stage typically trained already.
-        steps, batch_size, learning_rate, seed, identity_fraction, flip_axes, out, log_every,
-            callback, config_extra: as for :func:`train_voxelmorph`.
+        steps, batch_size, learning_rate, seed: as for :func:`train_voxelmorph`.
+        identity_fraction, flip_axes, out: as for :func:`train_voxelmorph`.
+        log_every, callback, config_extra: as for :func:`train_voxelmorph`.
         similarity, ssim, smoothness, supervised: loss weights (see above).
         ssim_crop: side of the random window the SSIM term is computed on (0: the whole grid).
         coarse_learning_rate: learning rate of the coarse U-Net (0: frozen).
