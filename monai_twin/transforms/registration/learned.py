@@ -338,6 +338,49 @@ def masked_ssim_loss(warped: torch.Tensor, fixed: torch.Tensor, mask: torch.Tens
     return 1.0 - (smap * weight).sum() / weight.sum().clamp(min=1.0)
 
 
+def _windowed_ssim_loss(warped: torch.Tensor, fixed: torch.Tensor, crop: int, rng: np.random.Generator) -> torch.Tensor:
+    """:func:`masked_ssim_loss` over tissue (fixed image above 0.05) in a random window of side
+    ``crop`` per spatial axis (``crop <= 0``: the whole grid)."""
+    window: tuple[slice, ...] = (slice(None), slice(None))
+    for n in warped.shape[2:]:
+        side = min(n, crop) if crop > 0 else n
+        first = int(rng.integers(0, n - side + 1))
+        window += (slice(first, first + side),)
+    w_fix = fixed[window]
+    return masked_ssim_loss(warped[window], w_fix, w_fix > 0.05)
+
+
+def _field_error(disp: torch.Tensor, reference: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    """Mean squared end-point error of ``disp`` against ``reference`` where the fixed image has
+    content (above 0.05): in the air around a breast a field is arbitrary and would dominate."""
+    content = (fixed > 0.05).to(disp.dtype)
+    error = ((disp - reference) ** 2).sum(1, keepdim=True)
+    return (error * content).sum() / content.sum().clamp(min=1.0)
+
+
+def _optimise(optimiser: torch.optim.Optimizer, schedule: Any, loss: torch.Tensor) -> float:
+    """One optimiser and learning-rate-schedule step on ``loss``; returns its value."""
+    optimiser.zero_grad()
+    loss.backward()
+    optimiser.step()
+    schedule.step()
+    return loss.item()
+
+
+def _log_step(step: int, steps: int, log_every: int, loss: float, start: float, callback: Any, model: Any) -> bool:
+    """Print the loss every ``log_every`` steps (and at the last) and run ``callback(step, model)``
+    in eval mode then; True when the caller must put its modules back in training mode."""
+    if not log_every or not (step % log_every == 0 or step == steps - 1):
+        return False
+    print(f"step {step:5d}  loss {loss:.5f}  ({time.perf_counter() - start:.0f} s)", flush=True)
+    if callback is None:
+        return False
+    model.eval()
+    with torch.no_grad():
+        callback(step, model)
+    return True
+
+
 def _warp(image: torch.Tensor, disp: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
     """``image (B, C, *spatial)`` pulled back through voxel displacements ``(B, ndim, *spatial)``."""
     import torch.nn.functional as F
@@ -527,32 +570,13 @@ def train_voxelmorph(
             if fine_similarity > 0:
                 loss = loss + fine_similarity * torch.mean((warped_full - b_fix_full) ** 2)
             if fine_ssim > 0:
-                window = (slice(None), slice(None))
-                for n in warped_full.shape[2:]:
-                    side = min(n, ssim_crop) if ssim_crop > 0 else n
-                    first = int(rng.integers(0, n - side + 1))
-                    window += (slice(first, first + side),)
-                w_fix = b_fix_full[window]
-                loss = loss + fine_ssim * masked_ssim_loss(warped_full[window], w_fix, w_fix > 0.05)
-        # a field is only recoverable where the image has content: in the air around a breast it is
-        # arbitrary and would dominate the loss
-        content = (b_fix > 0.05).to(disp.dtype)
+                loss = loss + fine_ssim * _windowed_ssim_loss(warped_full, b_fix_full, ssim_crop, rng)
         for weight, reference in ((supervised, b_field), (distill, b_teacher)):
             if reference is not None:
-                error = ((disp - reference) ** 2).sum(1, keepdim=True)
-                loss = loss + weight * (error * content).sum() / content.sum().clamp(min=1.0)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        losses.append(loss.item())
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"step {step:5d}  loss {losses[-1]:.5f}  ({time.perf_counter() - start:.0f} s)", flush=True)
-            if callback is not None:
-                model.eval()
-                with torch.no_grad():
-                    callback(step, model)
-                model.train()
+                loss = loss + weight * _field_error(disp, reference, b_fix)
+        losses.append(_optimise(optimiser, schedule, loss))
+        if _log_step(step, steps, log_every, losses[-1], start, callback, model):
+            model.train()
     model.eval()
     seconds = time.perf_counter() - start
     config: dict[str, Any] = {
@@ -715,31 +739,14 @@ def train_refiner(
         warped = _warp(b_mov, disp)
         loss = similarity * torch.mean((warped - b_fix) ** 2) + smoothness * displacement_smoothness(residual)
         if ssim > 0:
-            window = (slice(None), slice(None))
-            for n in warped.shape[2:]:
-                side = min(n, ssim_crop) if ssim_crop > 0 else n
-                first = int(rng.integers(0, n - side + 1))
-                window += (slice(first, first + side),)
-            w_fix = b_fix[window]
-            loss = loss + ssim * masked_ssim_loss(warped[window], w_fix, w_fix > 0.05)
+            loss = loss + ssim * _windowed_ssim_loss(warped, b_fix, ssim_crop, rng)
         if b_field is not None:
-            content = (b_fix > 0.05).to(disp.dtype)
-            error = ((disp - b_field) ** 2).sum(1, keepdim=True)
-            loss = loss + supervised * (error * content).sum() / content.sum().clamp(min=1.0)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        losses.append(loss.item())
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"step {step:5d}  loss {losses[-1]:.5f}  ({time.perf_counter() - start:.0f} s)", flush=True)
-            if callback is not None:
-                model.eval()
-                with torch.no_grad():
-                    callback(step, model)
-                model.refine.train()
-                if not frozen:
-                    model.vxm.train()
+            loss = loss + supervised * _field_error(disp, b_field, b_fix)
+        losses.append(_optimise(optimiser, schedule, loss))
+        if _log_step(step, steps, log_every, losses[-1], start, callback, model):
+            model.refine.train()
+            if not frozen:
+                model.vxm.train()
     model.vxm.requires_grad_(True)
     model.eval()
     seconds = time.perf_counter() - start
