@@ -607,12 +607,7 @@ def train_voxelmorph(
             "final_loss_mean_last_50": float(np.mean(losses[-50:])),
         },
     }
-    config.update(config_extra or {})
-    result: dict[str, Any] = {"model": model, "losses": losses, "seconds": seconds, "path": None, "config": config}
-    if out is not None:
-        save_voxelmorph(model, out, config)
-        result["path"] = Path(out)
-    return result
+    return _training_result(model, losses, seconds, config, config_extra, out)
 
 
 def train_refiner(
@@ -779,6 +774,18 @@ def train_refiner(
             "final_loss_mean_last_50": float(np.mean(losses[-50:])),
         },
     }
+    return _training_result(model, losses, seconds, config, config_extra, out)
+
+
+def _training_result(
+    model: ScaledVxmPairwise,
+    losses: list[float],
+    seconds: float,
+    config: dict[str, Any],
+    config_extra: dict[str, Any] | None,
+    out: str | os.PathLike | None,
+) -> dict[str, Any]:
+    """What a trainer returns: the model, its losses and record, saved to ``out`` when given."""
     config.update(config_extra or {})
     result: dict[str, Any] = {"model": model, "losses": losses, "seconds": seconds, "path": None, "config": config}
     if out is not None:
