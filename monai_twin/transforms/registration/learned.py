@@ -358,6 +358,30 @@ def _field_error(disp: torch.Tensor, reference: torch.Tensor, fixed: torch.Tenso
     return (error * content).sum() / content.sum().clamp(min=1.0)
 
 
+def _checked_flip_axes(flip_axes: Sequence[int], spatial_dims: int, pooling: str) -> tuple[int, ...]:
+    """The training flips as ints, checked against the dimension and the pooling."""
+    flip_axes = tuple(int(a) for a in flip_axes)
+    if any(not 0 <= a < spatial_dims for a in flip_axes):
+        raise ValueError(f"flip_axes must be spatial axes in [0, {spatial_dims}), got {flip_axes}.")
+    if flip_axes and pooling != "average":
+        raise ValueError("flip_axes needs pooling='average' (unshuffled channels would need reordering).")
+    return flip_axes
+
+
+def _with_identity_pairs(pairs: Sequence[tuple], identity_fraction: float) -> tuple[list, int, int]:
+    """``pairs`` plus ``identity_fraction`` times as many (fixed, fixed, zero field) pairs, their
+    fixed images spread over the cohort (pairs of one subject share their fixed visit); returns
+    the pairs and the numbers of changed and identity pairs."""
+    n_changed = len(pairs)
+    n_identity = int(round(identity_fraction * n_changed))
+    pairs = list(pairs)
+    if n_identity:
+        picks = np.linspace(0, n_changed - 1, n_identity).round().astype(int)
+        zero = None if pairs[0][2] is None else np.zeros_like(pairs[0][2])
+        pairs += [(pairs[i][1], pairs[i][1], zero) for i in picks]
+    return pairs, n_changed, n_identity
+
+
 def _optimise(optimiser: torch.optim.Optimizer, schedule: Any, loss: torch.Tensor) -> float:
     """One optimiser and learning-rate-schedule step on ``loss``; returns its value."""
     optimiser.zero_grad()
@@ -493,20 +517,11 @@ def train_voxelmorph(
         raise ValueError(f"teacher_fields must be ({spatial_dims}, *spatial) displacements, one per pair.")
     if identity_fraction < 0:
         raise ValueError(f"identity_fraction must be >= 0, got {identity_fraction}.")
-    flip_axes = tuple(int(a) for a in flip_axes)
-    if any(not 0 <= a < spatial_dims for a in flip_axes):
-        raise ValueError(f"flip_axes must be spatial axes in [0, {spatial_dims}), got {flip_axes}.")
-    if flip_axes and pooling != "average":
-        raise ValueError("flip_axes needs pooling='average' (unshuffled channels would need reordering).")
+    flip_axes = _checked_flip_axes(flip_axes, spatial_dims, pooling)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    n_changed = len(pairs)
-    n_identity = int(round(identity_fraction * n_changed))
+    pairs, n_changed, n_identity = _with_identity_pairs(pairs, identity_fraction)
     if n_identity:
-        # fixed images spread over the cohort (pairs of one subject share their fixed visit)
-        picks = np.linspace(0, n_changed - 1, n_identity).round().astype(int)
-        zero = None if pairs[0][2] is None else np.zeros_like(pairs[0][2])
-        pairs = [*pairs, *[(pairs[i][1], pairs[i][1], zero) for i in picks]]
         if teacher_fields is not None:
             teacher_fields = [*teacher_fields, *[np.zeros_like(teacher_fields[0])] * n_identity]
     model = build_voxelmorph(spatial_dims, nb_features, integration_steps, scale, pooling)
@@ -667,19 +682,10 @@ def train_refiner(
         raise ValueError(f"all pairs must share one {spatial_dims}D shape, got {sorted(shapes)}.")
     if supervised > 0 and any(p[2] is None for p in pairs):
         raise ValueError("supervised > 0 needs a true field in every pair.")
-    flip_axes = tuple(int(a) for a in flip_axes)
-    if any(not 0 <= a < spatial_dims for a in flip_axes):
-        raise ValueError(f"flip_axes must be spatial axes in [0, {spatial_dims}), got {flip_axes}.")
-    if flip_axes and model.pooling != "average":
-        raise ValueError("flip_axes needs pooling='average' (unshuffled channels would need reordering).")
+    flip_axes = _checked_flip_axes(flip_axes, spatial_dims, model.pooling)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    n_changed = len(pairs)
-    n_identity = int(round(identity_fraction * n_changed))
-    if n_identity:
-        picks = np.linspace(0, n_changed - 1, n_identity).round().astype(int)
-        zero = None if pairs[0][2] is None else np.zeros_like(pairs[0][2])
-        pairs = [*pairs, *[(pairs[i][1], pairs[i][1], zero) for i in picks]]
+    pairs, n_changed, n_identity = _with_identity_pairs(pairs, identity_fraction)
     frozen = coarse_learning_rate <= 0
     model.eval()
     model.refine.train()
