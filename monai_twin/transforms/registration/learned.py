@@ -382,6 +382,33 @@ def _with_identity_pairs(pairs: Sequence[tuple], identity_fraction: float) -> tu
     return pairs, n_changed, n_identity
 
 
+def _random_flips(
+    rng: np.random.Generator,
+    flip_axes: Sequence[int],
+    images: Sequence[torch.Tensor | None],
+    fields: Sequence[torch.Tensor | None],
+) -> tuple[list, list]:
+    """Flip a batch along each of ``flip_axes`` with probability 1/2 (one draw per axis): the
+    ``images`` are mirrored, the displacement ``fields`` mirrored with that axis' component negated
+    (``None`` entries stay ``None``)."""
+    images, fields = list(images), list(fields)
+    for axis in flip_axes:
+        if rng.random() < 0.5:
+            dims = [2 + axis]
+            images = [None if t is None else t.flip(dims) for t in images]
+            for i, field in enumerate(fields):
+                if field is not None:
+                    sign = torch.ones(field.shape[1], dtype=field.dtype).reshape(1, -1, *([1] * (field.ndim - 2)))
+                    sign[:, axis] = -1.0
+                    fields[i] = field.flip(dims) * sign
+    return images, fields
+
+
+def _halving_schedule(optimiser: torch.optim.Optimizer, steps: int) -> Any:
+    """Learning rates halved at 60 % and 85 % of the steps."""
+    return torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones=[int(0.6 * steps), int(0.85 * steps)], gamma=0.5)
+
+
 def _optimise(optimiser: torch.optim.Optimizer, schedule: Any, loss: torch.Tensor) -> float:
     """One optimiser and learning-rate-schedule step on ``loss``; returns its value."""
     optimiser.zero_grad()
@@ -553,9 +580,7 @@ def train_voxelmorph(
             )
     net = model.vxm
     optimiser = torch.optim.Adam(model.parameters(), lr=learning_rate)
-    schedule = torch.optim.lr_scheduler.MultiStepLR(
-        optimiser, milestones=[int(0.6 * steps), int(0.85 * steps)], gamma=0.5
-    )
+    schedule = _halving_schedule(optimiser, steps)
     losses = []
     start = time.perf_counter()
     for step in range(int(steps)):
@@ -565,18 +590,9 @@ def train_voxelmorph(
         b_teacher = None if teachers is None else teachers[idx]
         b_mov_full = None if moving_full is None else moving_full[idx]
         b_fix_full = None if fixed_full is None else fixed_full[idx]
-        for axis in flip_axes:
-            if rng.random() < 0.5:
-                dims = [2 + axis]
-                b_src, b_tgt, b_mov, b_fix = (t.flip(dims) for t in (b_src, b_tgt, b_mov, b_fix))
-                if b_mov_full is not None:
-                    b_mov_full, b_fix_full = b_mov_full.flip(dims), b_fix_full.flip(dims)
-                sign = torch.ones(spatial_dims).reshape(1, -1, *([1] * spatial_dims))
-                sign[:, axis] = -1.0
-                if b_field is not None:
-                    b_field = b_field.flip(dims) * sign
-                if b_teacher is not None:
-                    b_teacher = b_teacher.flip(dims) * sign
+        (b_src, b_tgt, b_mov, b_fix, b_mov_full, b_fix_full), (b_field, b_teacher) = _random_flips(
+            rng, flip_axes, (b_src, b_tgt, b_mov, b_fix, b_mov_full, b_fix_full), (b_field, b_teacher)
+        )
         disp = net(b_src, b_tgt)
         warped = _warp(b_mov, disp)
         loss = similarity * torch.mean((warped - b_fix) ** 2) + smoothness * displacement_smoothness(disp)
@@ -712,9 +728,7 @@ def train_refiner(
     if not frozen:
         groups.append({"params": list(model.vxm.parameters()), "lr": coarse_learning_rate})
     optimiser = torch.optim.Adam(groups)
-    schedule = torch.optim.lr_scheduler.MultiStepLR(
-        optimiser, milestones=[int(0.6 * steps), int(0.85 * steps)], gamma=0.5
-    )
+    schedule = _halving_schedule(optimiser, steps)
     losses = []
     start = time.perf_counter()
     for step in range(int(steps)):
@@ -722,16 +736,7 @@ def train_refiner(
         b_mov, b_fix = moving[idx], fixed[idx]
         b_field = None if fields is None else fields[idx]
         b_coarse = None if coarse is None else coarse[idx]
-        for axis in flip_axes:
-            if rng.random() < 0.5:
-                dims = [2 + axis]
-                sign = torch.ones(spatial_dims).reshape(1, -1, *([1] * spatial_dims))
-                sign[:, axis] = -1.0
-                b_mov, b_fix = b_mov.flip(dims), b_fix.flip(dims)
-                if b_field is not None:
-                    b_field = b_field.flip(dims) * sign
-                if b_coarse is not None:
-                    b_coarse = b_coarse.flip(dims) * sign
+        (b_mov, b_fix), (b_field, b_coarse) = _random_flips(rng, flip_axes, (b_mov, b_fix), (b_field, b_coarse))
         if b_coarse is None:
             b_coarse = model.vxm(*model.network_input(b_mov, b_fix))
         up = model.upsample(b_coarse)
