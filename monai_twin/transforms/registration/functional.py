@@ -67,15 +67,26 @@ def sample_at_voxels(
     ndim = image.ndim - 1
     if voxels.shape[0] != ndim:
         raise ValueError(f"voxels must be ({ndim}, ...) for a {ndim}D image, got {tuple(voxels.shape)}.")
+    norm = voxels.to(torch.float64) * _voxel_to_unit_scale(image).reshape(ndim, *([1] * ndim)) - 1.0
+    grid = norm.flip(0).permute(*range(1, ndim + 1), 0).unsqueeze(0)
+    return _grid_sample(image, grid, mode, padding_mode)
+
+
+def _voxel_to_unit_scale(image: torch.Tensor) -> torch.Tensor:
+    """Per spatial axis of ``image`` ``(C, *spatial)``, the factor taking a voxel index to
+    ``grid_sample``'s unit coordinate (minus 1): with ``align_corners=True``, -1 and +1 are the
+    centres of the first and last voxel."""
+    sizes = torch.tensor(image.shape[1:], dtype=torch.float64)
+    return 2.0 / torch.clamp(sizes - 1.0, min=1.0)
+
+
+def _grid_sample(image: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+    """``grid_sample`` of a channel-first ``image`` at a ``(1, *out_spatial, ndim)`` unit grid (last
+    axis first), in the image's floating dtype (float32 for integer images)."""
     dtype = image.dtype if image.dtype.is_floating_point else torch.float32
-    sizes = torch.tensor(image.shape[1:], dtype=torch.float64).reshape(ndim, *([1] * ndim))
-    # align_corners=True: -1 and +1 are the centres of the first and last voxel
-    norm = 2.0 * voxels.to(torch.float64) / torch.clamp(sizes - 1.0, min=1.0) - 1.0
-    grid = norm.flip(0).permute(*range(1, ndim + 1), 0).unsqueeze(0).to(dtype)
-    out = F.grid_sample(
-        image.unsqueeze(0).to(dtype), grid, mode=mode, padding_mode=padding_mode, align_corners=True
+    return F.grid_sample(
+        image.unsqueeze(0).to(dtype), grid.to(dtype), mode=mode, padding_mode=padding_mode, align_corners=True
     ).squeeze(0)
-    return out
 
 
 def resample_through(
@@ -110,9 +121,8 @@ def resample_through(
     # output voxel -> moving voxel -> grid_sample's [-1, 1] (align_corners=True) in one affine map,
     # applied axis by axis with broadcasting (no dense world grid, no einsum over it): the sample
     # points of ``sample_at_voxels(image, inv(image_affine) @ matrix @ (world + displacement))``
-    sizes = torch.tensor(image.shape[1:], dtype=torch.float64)
     to_unit = torch.eye(ndim + 1, dtype=torch.float64)
-    to_unit[:ndim, :ndim] = torch.diag(2.0 / torch.clamp(sizes - 1.0, min=1.0))
+    to_unit[:ndim, :ndim] = torch.diag(_voxel_to_unit_scale(image))
     to_unit[:ndim, ndim] = -1.0
     world_to_unit = to_unit @ torch.linalg.inv(image_affine) @ matrix
     index_to_unit = world_to_unit @ _as_matrix(out_affine, ndim)
@@ -132,9 +142,7 @@ def resample_through(
             if disp is not None:
                 coord.add_(disp[j], alpha=float(world_to_unit[i, j]))
         grid[..., ndim - 1 - i] = coord  # grid_sample lists the last axis first
-    return F.grid_sample(
-        image.unsqueeze(0).to(dtype), grid, mode=mode, padding_mode=padding_mode, align_corners=True
-    ).squeeze(0)
+    return _grid_sample(image, grid, mode, padding_mode)
 
 
 def invert_displacement_field(displacement: torch.Tensor, affine, iterations: int = 30) -> torch.Tensor:
