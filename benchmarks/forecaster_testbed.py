@@ -305,6 +305,8 @@ def _what_if_visit(net, subject, item, recorded, images, masks, encode, scale, s
     if not factual > 0:
         return []  # no lesion: nothing to change
     factual_render = mammo2d_render(subject, factual_row)[0]
+    # the cohort-prior expectation under the recorded schedule, the baseline of every edit's effect
+    recorded_area = mammo2d_prior_lesion_area(subject, schedule_from_events(subject, recorded), [t_target])[0]
     doses, edits, true_rows, prior, pairs = [], [], [], [], []
     for d in WHAT_IF_DOSES:
         try:
@@ -315,11 +317,9 @@ def _what_if_visit(net, subject, item, recorded, images, masks, encode, scale, s
         edits.append(dict(item, events=edited))
         true_edit = pd.DataFrame(edit_events(recorded, subject.drug_code, value=d, after=t_last, exposure=True))
         true_rows.append(subject_truth(subject, true_edit, days=[t_target]).iloc[0])
-        edited_area, recorded_area = (
-            mammo2d_prior_lesion_area(subject, schedule_from_events(subject, x), [t_target])[0]
-            for x in (true_edit, recorded)
+        prior.append(
+            mammo2d_prior_lesion_area(subject, schedule_from_events(subject, true_edit), [t_target])[0] - recorded_area
         )
-        prior.append(edited_area - recorded_area)
     if not edits:
         return []
     batch = [_sample(x, images, encode, target=False) for x in (item, *edits)]
