@@ -41,30 +41,49 @@ def _pair(a, b, mask) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"a and b must have the same shape, got {a.shape} and {b.shape}.")
     keep = np.isfinite(a) & np.isfinite(b)
     if mask is not None:
-        m = _to_numpy(mask, "mask")
+        m = mask.detach().cpu().numpy() if torch.is_tensor(mask) else np.asarray(mask)
+        if m.dtype != np.bool_:  # a boolean mask is used as it is (no float64 copy to compare with 0)
+            m = _to_numpy(m, "mask") > 0
         if m.shape != a.shape:
             raise ValueError(f"mask must have the images' shape {a.shape}, got {m.shape}.")
-        keep &= m > 0
+        keep &= m
     if not keep.any():
         raise ValueError("no finite voxel inside the mask to compare.")
+    if keep.all():  # the same values in the same order, without two boolean gathers
+        return a.ravel(), b.ravel()
     return a[keep], b[keep]
+
+
+def _bin_index(v: np.ndarray, bins: int, dtype) -> np.ndarray:
+    """Bin of each value of ``v`` (1D, not constant) among ``bins`` equal bins between its min and max,
+    the last bin closed: ``np.histogram``'s binning."""
+    lo, hi = v.min(), v.max()
+    edges = np.linspace(lo, hi, bins + 1)
+    i = ((v - lo) * (bins / (hi - lo))).astype(dtype)
+    np.minimum(i, bins - 1, out=i)
+    # the division can round a value into a neighbouring bin: compare with the edges themselves (at
+    # most one of the two corrections applies; past the last bin the next edge is infinite, as that
+    # bin is closed). Booleans are added as int8 views (one same-type add, no casting loop).
+    upper = np.append(edges[1:-1], np.inf)
+    if dtype == np.int16:
+        i += (v >= upper.take(i)).view(np.int8)
+        i -= (v < edges.take(i)).view(np.int8)
+    else:
+        i += v >= upper.take(i)
+        i -= v < edges.take(i)
+    return i
 
 
 def _joint_histogram(x: np.ndarray, y: np.ndarray, bins: int) -> np.ndarray:
     """``np.histogram2d(x, y, bins)[0]`` (equal bins between each array's min and max, the last bin
     closed) for 1D arrays that are not constant, counted with one ``bincount``: the same counts in
-    about half the time of ``histogram2d``'s binary search over the edges."""
-    index = []
-    for v in (x, y):
-        lo, hi = v.min(), v.max()
-        edges = np.linspace(lo, hi, bins + 1)
-        i = ((v - lo) * (bins / (hi - lo))).astype(np.intp)
-        np.clip(i, 0, bins - 1, out=i)
-        # the division can round a value into a neighbouring bin: compare with the edges themselves
-        i -= v < edges[i]
-        i += (v >= edges[i + 1]) & (i != bins - 1)
-        index.append(i)
-    return np.bincount(index[0] * bins + index[1], minlength=bins * bins).reshape(bins, bins).astype(np.float64)
+    about an eighth of the time of ``histogram2d``'s binary search over the edges."""
+    # 16-bit bin indices while the joint index fits (half the memory traffic of intp)
+    dtype = np.int16 if bins * bins <= np.iinfo(np.int16).max else np.intp
+    index = _bin_index(x, bins, dtype)
+    index *= bins
+    index += _bin_index(y, bins, dtype)
+    return np.bincount(index, minlength=bins * bins).reshape(bins, bins).astype(np.float64)
 
 
 def normalized_mutual_information(a, b, bins: int = 32, mask=None) -> float:
@@ -82,10 +101,14 @@ def normalized_mutual_information(a, b, bins: int = 32, mask=None) -> float:
     Returns:
         NMI in ``[1, 2]``; 1.0 when either image is constant over the mask (no information).
     """
-    x, y = _pair(a, b, mask)
+    return _nmi_of_values(*_pair(a, b, mask), int(bins))
+
+
+def _nmi_of_values(x: np.ndarray, y: np.ndarray, bins: int) -> float:
+    """:func:`normalized_mutual_information` of two finite 1D float64 arrays (already masked)."""
     if np.ptp(x) == 0 or np.ptp(y) == 0:
         return 1.0
-    hist = _joint_histogram(x, y, int(bins))
+    hist = _joint_histogram(x, y, bins)
     p = hist / hist.sum()
     px, py = p.sum(1), p.sum(0)
 
@@ -99,7 +122,18 @@ def normalized_mutual_information(a, b, bins: int = 32, mask=None) -> float:
 
 def correlation(a, b, mask=None) -> float:
     """Pearson correlation of the intensities (0.0 when either image is constant)."""
+    return _correlation_of_values(*_pair(a, b, mask))
+
+
+def _nmi_and_correlation(a, b, bins: int = 32, mask=None) -> tuple[float, float]:
+    """``(normalized_mutual_information(a, b, bins, mask), correlation(a, b, mask))`` with the
+    masked values gathered once (the same two floats, for quality control on every registration)."""
     x, y = _pair(a, b, mask)
+    return _nmi_of_values(x, y, int(bins)), _correlation_of_values(x, y)
+
+
+def _correlation_of_values(x: np.ndarray, y: np.ndarray) -> float:
+    """:func:`correlation` of two finite 1D float64 arrays (already masked)."""
     x = x - x.mean()
     y = y - y.mean()
     den = math.sqrt(float((x * x).sum()) * float((y * y).sum()))

@@ -49,6 +49,40 @@ class TestSimilarity(unittest.TestCase):
         b[10:] = 0  # differences only outside the mask
         self.assertAlmostEqual(correlation(a, b, mask=mask), 1.0, places=9)
 
+    def test_masks_of_any_kind_and_the_joint_call_give_the_same_values(self):
+        from monai_twin.metrics.registration import _nmi_and_correlation
+
+        a = _smooth((48, 48))
+        b = np.exp(2 * a) + 0.01 * np.random.default_rng(3).standard_normal(a.shape)
+        b[0, 0] = np.nan  # never compared
+        region = np.zeros(a.shape, dtype=bool)
+        region[5:40, 8:30] = True
+        for mask, expected_size in ((None, a.size - 1), (region, int(region.sum()))):
+            nmi = normalized_mutual_information(a, b, mask=mask)
+            corr = correlation(a, b, mask=mask)
+            # the joint call gathers the voxels once and returns exactly the two separate values
+            self.assertEqual(_nmi_and_correlation(a, b, mask=mask), (nmi, corr))
+            if mask is not None:  # a float or tensor mask selects the same voxels as the boolean one
+                self.assertEqual(normalized_mutual_information(a, b, mask=mask.astype(np.float32)), nmi)
+                self.assertEqual(correlation(a, b, mask=torch.as_tensor(mask)), corr)
+            # against a reference on the explicitly gathered values
+            keep = np.isfinite(b) & (np.ones_like(region) if mask is None else region)
+            self.assertEqual(int(keep.sum()), expected_size)
+            self.assertAlmostEqual(corr, float(np.corrcoef(a[keep], b[keep])[0, 1]), places=12)
+            hist = np.histogram2d(a[keep], b[keep], bins=32)[0]
+            p = hist / hist.sum()
+
+            def entropy(q):
+                q = q[q > 0]
+                return -(q * np.log(q)).sum()
+
+            self.assertAlmostEqual(nmi, (entropy(p.sum(1)) + entropy(p.sum(0))) / entropy(p.ravel()), places=12)
+        # an all-true mask compares every voxel, like no mask
+        full = np.ones(a.shape, dtype=bool)
+        self.assertEqual(normalized_mutual_information(a, a**2, mask=full), normalized_mutual_information(a, a**2))
+        with self.assertRaisesRegex(ValueError, "mask must have"):
+            correlation(a, b, mask=region[:10])
+
     @parameterized.expand([((64, 64),), ((24, 24, 24),)])
     def test_ssim_matches_skimage(self, shape):
         from skimage.metrics import structural_similarity
