@@ -15,6 +15,7 @@ from monai_twin.transforms.registration import registration_displacement, regist
 from monai_twin.transforms.registration.learned import (
     RegisterVoxelMorph,
     ResidualRefiner,
+    _BlockMax,
     _normalise,
     _warp,
     build_voxelmorph,
@@ -170,6 +171,45 @@ class TestVoxelMorph(_OneThread):
             torch.save({"weights": [1, 2]}, bad)
             with self.assertRaisesRegex(ValueError, "not a monai_twin VoxelMorph checkpoint"):
                 load_voxelmorph(bad)
+
+    @parameterized.expand([(2, (1, 3, 9, 8)), (2, (2, 4, 16, 16)), (3, (1, 2, 5, 6, 7))])
+    def test_block_max_is_max_pool_at_inference_and_in_training(self, ndim, shape):
+        pool = torch.nn.MaxPool2d(2) if ndim == 2 else torch.nn.MaxPool3d(2)
+        fast = _BlockMax(pool, ndim)
+        x = torch.randn(*shape)
+        x[(0, 0, *([slice(0, 2)] * ndim))] = 0.5  # ties inside a block
+        x.view(-1)[3] = float("nan")  # a NaN wins its block, as with max_pool
+        with torch.inference_mode():
+            torch.testing.assert_close(fast(x), pool(x), equal_nan=True, rtol=0, atol=0)
+        # with autograd the module is max_pool itself: the same gradient (one winner per tie)
+        a, b = x.nan_to_num().requires_grad_(), x.nan_to_num().requires_grad_()
+        fast(a).sum().backward()
+        pool(b).sum().backward()
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+        # the U-Net's poolings are wrapped; nothing else is, and the weights are the same keys
+        net = build_voxelmorph(ndim, (4, 4), integration_steps=2)
+        self.assertEqual(sum(isinstance(m, _BlockMax) for m in net.modules()), 2)
+        plain = [m for m in net.modules() if isinstance(m, (torch.nn.MaxPool2d, torch.nn.MaxPool3d))]
+        self.assertEqual(len(plain), 2)  # each kept inside its wrapper for training
+        self.assertFalse(any("pool" in key for key in net.state_dict()))
+
+    def test_warp_reuses_its_grid_with_the_same_result(self):
+        from monai_twin.transforms.registration import learned
+
+        image = torch.rand(1, 1, 21, 26)
+        disp = 1.5 * torch.randn(1, 2, 21, 26)
+        kept = disp.clone()
+        first = _warp(image, disp)
+        grid, _ = learned._identity_grid(disp)
+        again = _warp(image, disp)
+        self.assertIs(learned._identity_grid(disp)[0], grid)  # built once per shape
+        torch.testing.assert_close(again, first, rtol=0, atol=0)
+        # the same warp written out: x + d(x) on the voxel grid, grid_sample's unit coordinates
+        y, x = torch.meshgrid(torch.arange(21.0), torch.arange(26.0), indexing="ij")
+        unit = torch.stack([2 * (x + disp[0, 1]) / 25 - 1, 2 * (y + disp[0, 0]) / 20 - 1], -1)[None]
+        expected = torch.nn.functional.grid_sample(image, unit, align_corners=True)
+        torch.testing.assert_close(first, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(disp, kept, rtol=0, atol=0)  # the field is not modified in place
 
     @parameterized.expand([(2, (30, 37), 1), (2, (30, 37), 2), (3, (12, 10, 9), 2)])
     def test_scaled_network_keeps_the_input_grid(self, ndim, shape, scale):
