@@ -406,6 +406,12 @@ def main() -> None:
         action="store_true",
         help="add each drug's dose x days since the first record to the interval features",
     )
+    parser.add_argument(
+        "--history-truncation",
+        type=float,
+        default=0.0,
+        help="probability of training on a random shorter history (the most recent 1..T-1 scans) of a sample",
+    )
     parser.add_argument("--workdir", default=None, help="where cohorts/runs go (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="also write the figures here")
     parser.add_argument("--load", default=None, help="evaluate these saved network weights instead of training")
@@ -496,15 +502,25 @@ def main() -> None:
             flow_scale=args.flow_scale,
             plan_film=args.plan_film and conditioning != "none",
         )
-        flip = None
+        augment = []
         if args.flip_axis is not None:
             from monai_twin.transforms.sequence import RandFlipSequenced
 
             flip = RandFlipSequenced(("history", "target"), spatial_dims=dims, spatial_axis=args.flip_axis, prob=0.5)
             flip.set_random_state(args.seed)
+            augment.append(flip)
+        if args.history_truncation > 0:
+            from monai_twin.transforms.sequence import RandHistoryTruncated
+
+            shorten = RandHistoryTruncated(prob=args.history_truncation)
+            shorten.set_random_state(args.seed)
+            augment.append(shorten)
+        from monai.transforms import Compose
+
+        train_transform = Compose(augment) if augment else None
         loaders = [
             DataLoader(
-                Dataset(_tensor_only(data[name]), transform=flip if name == "training" else None),
+                Dataset(_tensor_only(data[name]), transform=train_transform if name == "training" else None),
                 batch_size=8,
                 shuffle=name == "training",
             )

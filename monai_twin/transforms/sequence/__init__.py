@@ -1,5 +1,5 @@
 """Visit-sequence transforms: load a history of scans as ``(T, C, *spatial)`` pad per-visit keys, and flip
-them consistently for augmentation."""
+or shorten them for augmentation."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ from .dictionary import (
     RandFlipSequenceD,
     RandFlipSequenced,
     RandFlipSequenceDict,
+    RandHistoryTruncateD,
+    RandHistoryTruncated,
+    RandHistoryTruncateDict,
 )
 
 __all__ = [
@@ -30,4 +33,7 @@ __all__ = [
     "RandFlipSequenceD",
     "RandFlipSequenceDict",
     "RandFlipSequenced",
+    "RandHistoryTruncateD",
+    "RandHistoryTruncateDict",
+    "RandHistoryTruncated",
 ]

@@ -25,6 +25,9 @@ __all__ = [
     "RandFlipSequenceD",
     "RandFlipSequenceDict",
     "RandFlipSequenced",
+    "RandHistoryTruncateD",
+    "RandHistoryTruncateDict",
+    "RandHistoryTruncated",
 ]
 
 #: Per-visit keys of a forecasting sample (visit axis first).
@@ -182,6 +185,112 @@ class RandFlipSequenced(RandomizableTransform, MapTransform):
         return d
 
 
+class RandHistoryTruncated(RandomizableTransform, MapTransform):
+    """Keep only the most recent visits of a sample's history, at random (training augmentation).
+
+    Forecasting cohorts hold few samples whose history is one scan (each subject's second visit)
+    and many with longer histories, so a twin sees little of the situation it meets at a patient's
+    first follow-up. This transform drops the oldest real visits of a history: with probability
+    ``prob`` it keeps ``m`` most recent visits, ``m`` drawn uniformly from ``min_length`` to one less
+    than the sample's real visits. The events are not touched: what the record says before the
+    target stays known, only the older scans are withheld.
+
+    It works before or after :class:`PadSequenced`:
+
+    - on a raw item (a history still a list of paths, as
+      :func:`~monai_twin.data.build_longitudinal_items` makes it) or a sample without ``mask_key``,
+      every visit is real and each per-visit key (visit axis first) is cut to its last ``m`` entries;
+    - on a loaded sample with ``mask_key`` (e.g. after :class:`PadSequenced`; real slots contiguous),
+      the kept visits are padded back to the same number of slots on the side the real visits were
+      on and the mask is updated, so the shapes do not change and batches still collate.
+
+    Args:
+        keys: per-visit keys (default: history, times, history_times, ehr_intervals,
+            ehr_intervals_mask; add ``"history_label"`` etc.; absent ones are skipped).
+        prob: probability of truncating a sample.
+        min_length: fewest visits kept (>= 1).
+        mask_key: the slot mask written by :class:`PadSequenced`.
+
+    Example::
+
+        RandHistoryTruncated(prob=0.3)(sample)  # sometimes a history of 1..T-1 most recent scans
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = DEFAULT_SEQUENCE_KEYS,
+        prob: float = 0.5,
+        min_length: int = 1,
+        mask_key: str = "history_mask",
+        allow_missing_keys: bool = True,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        if int(min_length) < 1:
+            raise ValueError(f"min_length must be >= 1 (a forecast needs a prior scan), got {min_length}.")
+        self.min_length = int(min_length)
+        self.mask_key = mask_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(None)
+        present = list(self.key_iterator(d))
+        if not present:
+            raise KeyError(f"RandHistoryTruncated: none of the keys {list(self.keys)} is in the sample.")
+        mask = d.get(self.mask_key)
+        slots = len(d[present[0]])
+        for key in present:
+            if len(d[key]) != slots:
+                raise ValueError(
+                    f"RandHistoryTruncated: key {key!r} has {len(d[key])} visits but {present[0]!r} has {slots}; "
+                    "every per-visit key needs the same T (visit axis first)."
+                )
+        if mask is None:
+            real = np.arange(slots)
+        else:
+            flags = np.asarray(convert_to_tensor(mask, dtype=torch.float32).detach().cpu()) > 0
+            if flags.shape != (slots,):
+                raise ValueError(
+                    f"RandHistoryTruncated: {self.mask_key!r} has shape {flags.shape}, expected ({slots},)."
+                )
+            real = np.flatnonzero(flags)
+            if real.size and real[-1] - real[0] + 1 != real.size:
+                raise ValueError(
+                    f"RandHistoryTruncated: the real slots of {self.mask_key!r} must be contiguous, got {real.tolist()}."
+                )
+        n = int(real.size)
+        if not self._do_transform or n <= self.min_length:
+            return d
+        keep = int(self.R.randint(self.min_length, n))  # in [min_length, n - 1]
+        kept = real[n - keep :]
+        selected = slice(int(kept[0]), int(kept[-1]) + 1)
+        keys = [*present, *([self.mask_key] if mask is not None else [])]
+        if mask is None or any(isinstance(d[key], (list, tuple)) for key in present):
+            # a raw item (its history a list of paths) or a sample without slots: cut every key
+            for key in keys:
+                d[key] = _take_visits(d[key], selected)
+            return d
+        # padded: re-pad the kept visits on the side the real ones were on (PadSequence moves the
+        # per-visit metadata of a loaded history with them)
+        pad = PadSequence(slots, side="right" if real[0] == 0 else "left")
+        for key in keys:
+            d[key] = pad(_take_visits(d[key], selected))
+        return d
+
+
+def _take_visits(value: Any, selected: slice) -> Any:
+    """``value[selected]`` along the visit axis; a loaded history's per-visit metadata follows."""
+    if isinstance(value, MetaTensor):
+        meta = dict(value.meta)
+        meta.pop("affine", None)
+        for name in ("sequence_filenames", "sequence_affines"):
+            if name in meta:
+                meta[name] = meta[name][selected]
+        return MetaTensor(value.as_tensor()[selected], meta=meta, affine=value.affine)
+    return value[selected]
+
+
 LoadSequenceD = LoadSequenceDict = LoadSequenced
 PadSequenceD = PadSequenceDict = PadSequenced
 RandFlipSequenceD = RandFlipSequenceDict = RandFlipSequenced
+RandHistoryTruncateD = RandHistoryTruncateDict = RandHistoryTruncated

@@ -6,7 +6,15 @@ import torch
 from parameterized import parameterized
 
 from monai_twin.data import build_longitudinal_items, load_manifest
-from monai_twin.transforms.sequence import LoadSequence, LoadSequenced, PadSequence, PadSequenced, RandFlipSequenced
+from monai_twin.transforms.ehr import EHRToIntervalFeaturesd, EHRVocabulary
+from monai_twin.transforms.sequence import (
+    LoadSequence,
+    LoadSequenced,
+    PadSequence,
+    PadSequenced,
+    RandFlipSequenced,
+    RandHistoryTruncated,
+)
 from tests.conftest import write_nifti
 
 
@@ -121,3 +129,90 @@ class TestRandFlipSequenced:
         flip = RandFlipSequenced(("target",), spatial_dims=3, prob=1.0)
         with pytest.raises(ValueError, match="key 'target' has shape"):
             flip({"target": torch.zeros(4, 4)})
+
+
+VISIT_KEYS = ("history", "history_label", "times", "history_times", "ehr_intervals", "ehr_intervals_mask")
+
+
+class TestRandHistoryTruncated:
+    @staticmethod
+    def _encoded(manifest, vocabulary, subject, target_index, max_history, side="right"):
+        item = next(
+            i
+            for i in build_longitudinal_items(manifest, max_history=max_history, subjects=[subject])
+            if i["target_index"] == target_index
+        )
+        sample = LoadSequenced(("history", "history_label"))(item)
+        sample = EHRToIntervalFeaturesd(vocabulary, carry_forward=True, cumulative_exposure=True)(sample)
+        return item, PadSequenced(5, keys=VISIT_KEYS, side=side)(sample)
+
+    def test_padded_sample_matches_the_dataset_built_with_fewer_visits(self, nifti_cohort):
+        """On an encoded, padded sample (scans, masks, interval features), keeping the last m visits gives
+        exactly what the dataset yields when built with ``max_history=m``: the kept visits' EHR features do
+        not depend on the dropped scans, and the record before the target stays whole."""
+        manifest = load_manifest(nifti_cohort)
+        vocabulary = EHRVocabulary.fit(manifest.events, manifest.static)
+        lengths = manifest.visits.groupby("subject_id").size()
+        subject = str(lengths.idxmax())
+        target = int(lengths.max()) - 1  # the last visit: every earlier one is history
+        assert target >= 3
+        for side in ("right", "left"):
+            item, full = self._encoded(manifest, vocabulary, subject, target, None, side)
+            truncate = RandHistoryTruncated(keys=VISIT_KEYS, prob=1.0)
+            truncate.set_random_state(0)
+            seen = set()
+            for _ in range(30):
+                out = truncate(full)
+                m = int(out["history_mask"].sum())
+                seen.add(m)
+                _, expected = self._encoded(manifest, vocabulary, subject, target, m, side)
+                for key in (*VISIT_KEYS, "history_mask"):
+                    assert out[key].shape == full[key].shape, key
+                    np.testing.assert_allclose(np.asarray(out[key]), np.asarray(expected[key]), atol=1e-6, err_msg=key)
+                assert out["history"].meta["sequence_filenames"] == expected["history"].meta["sequence_filenames"]
+                assert out["events"] is full["events"]  # the record is not touched
+            assert seen == set(range(1, target))  # every shorter history, never the full one
+            np.testing.assert_array_equal(np.asarray(full["history_mask"]).sum(), target)  # input unchanged
+            assert len(item["history"]) == target
+
+    def test_full_slots_keep_their_shape(self):
+        """A padded sample whose every slot is real still comes back with the same number of slots."""
+        sample = {"times": torch.tensor([400.0, 300.0, 200.0]), "history_mask": torch.ones(3)}
+        truncate = RandHistoryTruncated(prob=1.0, min_length=2)
+        out = truncate(sample)
+        np.testing.assert_array_equal(out["times"].numpy(), [300.0, 200.0, 0.0])
+        np.testing.assert_array_equal(out["history_mask"].numpy(), [1.0, 1.0, 0.0])
+
+    def test_unpadded_item_and_probability(self, nifti_cohort):
+        manifest = load_manifest(nifti_cohort)
+        item = max(build_longitudinal_items(manifest), key=lambda i: len(i["history"]))
+        n = len(item["history"])
+        truncate = RandHistoryTruncated(keys=("history", "times", "history_times"), prob=1.0, min_length=2)
+        truncate.set_random_state(1)
+        out = truncate(item)
+        m = len(out["history"])
+        assert 2 <= m < n and isinstance(out["history"], list)
+        assert out["history"] == item["history"][n - m :]
+        np.testing.assert_array_equal(out["times"], item["times"][n - m :])
+        np.testing.assert_array_equal(out["history_mask"], np.ones(m, np.float32))
+        assert len(item["history"]) == n  # the input item is not modified
+        never = RandHistoryTruncated(keys=("history", "times"), prob=0.0)
+        assert never(item)["history"] == item["history"]
+        short = {"history": item["history"][:2], "times": item["times"][:2]}
+        assert (
+            RandHistoryTruncated(keys=("history", "times"), prob=1.0, min_length=2)(short)["history"]
+            == short["history"]
+        )
+
+    def test_bad_input(self):
+        with pytest.raises(ValueError, match="min_length must be >= 1"):
+            RandHistoryTruncated(min_length=0)
+        truncate = RandHistoryTruncated(prob=1.0)
+        with pytest.raises(ValueError, match="key 'ehr_intervals' has 3 visits but 'times' has 4"):
+            truncate({"times": torch.zeros(4), "ehr_intervals": torch.zeros(3, 2)})
+        with pytest.raises(ValueError, match="must be contiguous"):
+            truncate({"times": torch.zeros(4), "history_mask": torch.tensor([1.0, 0.0, 1.0, 0.0])})
+        with pytest.raises(ValueError, match="'history_mask' has shape"):
+            truncate({"times": torch.zeros(4), "history_mask": torch.ones(3)})
+        with pytest.raises(KeyError, match="none of the keys"):
+            truncate({"other": 1})
