@@ -484,7 +484,7 @@ class TestCascade(_OneThread):
         self.assertEqual(result["config"]["refiner_training"]["identity_pairs"], 2)
 
     def test_refiner_raises_the_ssim_of_the_shipped_model_on_testbed_pairs(self):
-        # the shipped 2D U-Net as the frozen coarse stage, a refiner trained briefly on three testbed
+        # the shipped 2D cascade's U-Net as the frozen coarse stage, a new refiner trained briefly on three testbed
         # mammography pairs (seed 5: no training, validation or benchmark cohort): on those pairs the
         # cascade's registered image is closer to the fixed one over tissue, and its field does not fold
         path = BUNDLES / "mammo_twin_2d" / "models" / "voxelmorph.pt"
@@ -512,7 +512,7 @@ class TestCascade(_OneThread):
                 scores[refine].append(ssim(warped, fixed, data_range=1.0, mask=tissue))
                 if refine:
                     self.assertEqual(folding_fraction(disp[0].numpy(), mask=tissue), 0.0)
-        # +0.006 here (0.850 vs 0.844; the full R3 cascade gains about +0.015 on the benchmark pairs)
+        # +0.010 here (0.844 vs 0.834; the shipped cascade, whose refiner trained 17 500 steps, scores 0.890)
         self.assertGreater(np.mean(scores[True]), np.mean(scores[False]) + 0.003)
 
 
