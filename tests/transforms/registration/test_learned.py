@@ -193,6 +193,19 @@ class TestVoxelMorph(_OneThread):
         self.assertEqual(len(plain), 2)  # each kept inside its wrapper for training
         self.assertFalse(any("pool" in key for key in net.state_dict()))
 
+    def test_normalise_maps_the_1st_and_99th_percentiles_to_0_and_1(self):
+        torch.manual_seed(0)
+        x = torch.rand(3, 1, 40, 50) ** 2 * torch.tensor([1.0, 10.0, 0.01]).reshape(3, 1, 1, 1)
+        x[0, 0, :5] = 0.0  # ties at the bottom, as air in a mammogram
+        out = _normalise(x)
+        # the reference: the order statistics of a full sort of each image (all 2 000 voxels are used)
+        ordered = x.flatten(1).sort(dim=1).values
+        lo, hi = ordered[:, int(round(0.01 * 1999))], ordered[:, int(round(0.99 * 1999))]
+        expected = ((x - lo.reshape(3, 1, 1, 1)) / (hi - lo).reshape(3, 1, 1, 1)).clamp(-0.5, 1.5)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        # the autograd path (topk) selects the same values
+        torch.testing.assert_close(_normalise(x.clone().requires_grad_()).detach(), out, rtol=0, atol=0)
+
     def test_warp_reuses_its_grid_with_the_same_result(self):
         from monai_twin.transforms.registration import learned
 
