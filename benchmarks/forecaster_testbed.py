@@ -428,6 +428,7 @@ def main() -> None:
 
     import pandas as pd
     from monai.data import DataLoader, Dataset
+    from monai.transforms import Compose
 
     from monai_twin.data import build_longitudinal_items, load_manifest, split_subjects
     from monai_twin.data.synthetic import Mammo2DConfig, MRIROI3DConfig, write_cohort
@@ -515,8 +516,6 @@ def main() -> None:
             shorten = RandHistoryTruncated(prob=args.history_truncation)
             shorten.set_random_state(args.seed)
             augment.append(shorten)
-        from monai.transforms import Compose
-
         train_transform = Compose(augment) if augment else None
         loaders = [
             DataLoader(

@@ -63,14 +63,10 @@ def _bin_index(v: np.ndarray, bins: int, dtype) -> np.ndarray:
     np.minimum(i, bins - 1, out=i)
     # the division can round a value into a neighbouring bin: compare with the edges themselves (at
     # most one of the two corrections applies; past the last bin the next edge is infinite, as that
-    # bin is closed). Booleans are added as int8 views (one same-type add, no casting loop).
+    # bin is closed). Booleans are added as int8 views (an integer add, no boolean casting loop).
     upper = np.append(edges[1:-1], np.inf)
-    if dtype == np.int16:
-        i += (v >= upper.take(i)).view(np.int8)
-        i -= (v < edges.take(i)).view(np.int8)
-    else:
-        i += v >= upper.take(i)
-        i -= v < edges.take(i)
+    i += (v >= upper.take(i)).view(np.int8)
+    i -= (v < edges.take(i)).view(np.int8)
     return i
 
 

@@ -349,11 +349,11 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
         # on the CPU one introselect per image finds both order statistics (a quarter less time than
         # the two topk calls; the same values)
         part = np.partition(flat.numpy(), (k_lo - 1, k_hi - 1), axis=1)
-        lo = torch.from_numpy(part[:, k_lo - 1].copy()).reshape(-1, *([1] * (x.ndim - 1)))
-        hi = torch.from_numpy(part[:, k_hi - 1].copy()).reshape(-1, *([1] * (x.ndim - 1)))
+        lo, hi = torch.from_numpy(part[:, k_lo - 1].copy()), torch.from_numpy(part[:, k_hi - 1].copy())
     else:
-        lo = flat.topk(k_lo, dim=1, largest=False).values[:, -1].reshape(-1, *([1] * (x.ndim - 1)))
-        hi = flat.topk(n - k_hi + 1, dim=1).values[:, -1].reshape(-1, *([1] * (x.ndim - 1)))
+        lo = flat.topk(k_lo, dim=1, largest=False).values[:, -1]
+        hi = flat.topk(n - k_hi + 1, dim=1).values[:, -1]
+    lo, hi = (v.reshape(-1, *([1] * (x.ndim - 1))) for v in (lo, hi))
     return ((x - lo) / torch.clamp(hi - lo, min=1e-6)).clamp(-0.5, 1.5)
 
 
