@@ -592,6 +592,11 @@ def main() -> None:
         "several: candidates of --select-guidance",
     )
     parser.add_argument(
+        "--autoencoder-only",
+        action="store_true",
+        help="train (or load) the 2D autoencoder of --autoencoder and stop: lets it train while the ConvLSTM base does",
+    )
+    parser.add_argument(
         "--val-whatif-visits", type=int, default=40, help="validation visits with a lesion used by --select-guidance"
     )
     parser.add_argument(
@@ -697,13 +702,19 @@ def main() -> None:
         f"cohort ready in {time.perf_counter() - t0:.0f} s: {len(data['training'])} training / {len(data['test'])} test pairs"
     )
 
-    convlstm = None
-    if args.convlstm_epochs > 0 and (args.convlstm_only or args.base_forecast == "convlstm"):
+    if args.autoencoder_only and not args.autoencoder:
+        raise SystemExit("--autoencoder-only needs --autoencoder PATH (where the weights go)")
+    convlstm = None  # the autoencoder alone (--autoencoder-only) needs no base
+    if (
+        args.convlstm_epochs > 0
+        and not args.autoencoder_only
+        and (args.convlstm_only or args.base_forecast == "convlstm")
+    ):
         convlstm = _train_convlstm(args, manifest, images, vocabulary, split)
     if args.convlstm_only:
         _convlstm_section(args, manifest, images, vocabulary, split, data, trained=convlstm)
         return
-    use_base = args.base_forecast == "convlstm"
+    use_base = args.base_forecast == "convlstm" and not args.autoencoder_only
     items4 = {}
     if use_base:
         # the base forecast of every pair: the ConvLSTM twin's prediction of the same target
@@ -780,6 +791,8 @@ def main() -> None:
         f"autoencoder: {args.ae_epochs} + {args.ae_change_epochs} (pairs) epochs in {ae_time:.0f} s, loss {ae_losses[0]:.4f} -> {ae_losses[-1]:.4f}; "
         f"test reconstruction SSIM {ssim(recon, test_images).mean():.3f}, PSNR {psnr(recon, test_images).mean():.2f} dB"
     )
+    if args.autoencoder_only:
+        return
 
     # ---- latents (null-EHR pairs included) and the gain of the lesion-area reader
     train = [s for s, _ in data["training"]]

@@ -198,10 +198,28 @@ class TestTwinForecaster:
             torch.testing.assert_close(planned(*padded)[1], moved[1])
             torch.testing.assert_close(torch.jit.script(planned.eval())(*args), moved)
 
+    @parameterized.expand([(2,), (3,)])
+    def test_history_stacked_on_channels(self, dims):
+        # the one-`image` layout of MONAI bundles: (B, T * C, *spatial) gives the same forecast, eager and scripted
+        torch.manual_seed(0)
+        net = _net(dims, change="deformation").eval()
+        for p in net.parameters():  # leave the copy-last start so that the check sees every path
+            p.data.add_(0.05 * torch.randn_like(p))
+        history, times, mask, iv, ivm, st = _inputs(dims)
+        stacked = history.flatten(1, 2)
+        with torch.no_grad():
+            expected = net.forecast(history, times, mask, iv, ivm, st)
+            got = net.forecast(stacked, times, mask, iv, ivm, st)
+            scripted = torch.jit.script(net)(stacked, times, mask, iv, ivm, st)
+        torch.testing.assert_close(got[0], expected[0])
+        torch.testing.assert_close(got[1], expected[1])
+        torch.testing.assert_close(scripted, expected[0])
+
     @parameterized.expand(
         [
             ("rank", r"history must have shape \(B, T, C, \*2 spatial dims\)"),
             ("channels", "history has 2 channels, expected in_channels=1"),
+            ("stacked", r"T \* C = 3 \* 1 = 3 channels \(T from times\), got \[2, 2, 16, 16\]"),
             ("too_long", "T=9 visits, more than max_history=8"),
             ("all_masked", "every visit of a sample as padding"),
             ("nan_ehr", "ehr_intervals contains NaN"),
@@ -214,9 +232,11 @@ class TestTwinForecaster:
         net = _net(2)
         history, times, mask, iv, ivm, st = _inputs(2)
         if case == "rank":
-            history = history[:, :, 0]
+            history = history[:, 0, 0]
         elif case == "channels":
             history = history.repeat(1, 1, 2, 1, 1)
+        elif case == "stacked":
+            history = history[:, :2, 0]
         elif case == "too_long":
             history, times, mask = history.repeat(1, 3, 1, 1, 1), times.repeat(1, 3), mask.repeat(1, 3)
             iv, ivm = iv.repeat(1, 3, 1), ivm.repeat(1, 3, 1)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["check_forecast_inputs", "future_ehr_head", "last_visit_index"]
+__all__ = ["check_forecast_inputs", "future_ehr_head", "last_visit_index", "unstack_history"]
 
 
 def check_forecast_inputs(
@@ -35,7 +35,10 @@ def check_forecast_inputs(
         max_history: most visits accepted.
     """
     if history.dim() != spatial_dims + 3:
-        raise ValueError(f"history must have shape (B, T, C, *{spatial_dims} spatial dims), got {list(history.shape)}.")
+        raise ValueError(
+            f"history must have shape (B, T, C, *{spatial_dims} spatial dims) or, visits stacked on the channel axis, "
+            f"(B, T * C, *{spatial_dims} spatial dims), got {list(history.shape)}."
+        )
     if history.shape[2] != in_channels:
         raise ValueError(f"history has {history.shape[2]} channels, expected in_channels={in_channels}.")
     b, t = history.shape[0], history.shape[1]
@@ -49,6 +52,30 @@ def check_forecast_inputs(
         raise ValueError("history_mask marks every visit of a sample as padding; each sample needs a prior scan.")
     if bool(torch.isnan(history).any()) or bool(torch.isnan(times).any()):
         raise ValueError("history or times contains NaN.")
+
+
+def unstack_history(history: torch.Tensor, times: torch.Tensor, spatial_dims: int, in_channels: int) -> torch.Tensor:
+    """``(B, T, C, *spatial)`` from a history whose visits are stacked on the channel axis.
+
+    MONAI bundles and MONAI Label hand a network one ``image`` of ``(B, channels, *spatial)``; a
+    twin's history arrives there as ``(B, T * C, *spatial)``, oldest visit first, and ``times``
+    ``(B, T)`` says how many visits it holds. A history that already has the visit axis is
+    returned as it is.
+    """
+    if history.dim() != spatial_dims + 2:
+        return history
+    if times.dim() != 2 or times.shape[0] != history.shape[0]:
+        raise ValueError(
+            f"times must have shape (B, T) with B={history.shape[0]} to unstack a history of shape "
+            f"{list(history.shape)}, got {list(times.shape)}."
+        )
+    t = times.shape[1]
+    if history.shape[1] != t * in_channels:
+        raise ValueError(
+            f"a history stacked on the channel axis must have T * C = {t} * {in_channels} = {t * in_channels} "
+            f"channels (T from times), got {list(history.shape)}."
+        )
+    return history.reshape([history.shape[0], t, in_channels] + list(history.shape[2:]))
 
 
 def last_visit_index(mask: torch.Tensor) -> torch.Tensor:

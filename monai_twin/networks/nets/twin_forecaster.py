@@ -26,7 +26,7 @@ from torch import nn
 from ..blocks.convlstm import ConvLSTM
 from ..blocks.ehr_encoder import EHREncoder
 from ..blocks.film import FiLM, STFiLM
-from .forecast_inputs import check_forecast_inputs, future_ehr_head, last_visit_index
+from .forecast_inputs import check_forecast_inputs, future_ehr_head, last_visit_index, unstack_history
 
 __all__ = ["CHANGE_MODELS", "CONDITIONING", "TwinForecaster", "warp_image"]
 
@@ -111,7 +111,9 @@ class TwinForecaster(nn.Module):
             than only through the ConvLSTM. Needs ``conditioning != "none"``.
 
     Inputs of ``forward`` (``T`` prior visits, padded slots marked in ``history_mask``):
-        history ``(B, T, C, *spatial)``, times ``(B, T)`` days from each visit to the target,
+        history ``(B, T, C, *spatial)`` -- or ``(B, T * C, *spatial)``, the visits stacked on the
+        channel axis oldest first, the one-``image`` layout of MONAI bundles and MONAI Label (``T``
+        is read from ``times``) --, times ``(B, T)`` days from each visit to the target,
         history_mask ``(B, T)`` (default all ones; real visits must be contiguous),
         ehr_intervals ``(B, T, F)``, ehr_intervals_mask ``(B, T, F)``, ehr_static ``(B, S)``.
 
@@ -248,6 +250,7 @@ class TwinForecaster(nn.Module):
         ehr_static: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The forecast ``(B, out_channels, *spatial)`` and future EHR values ``(B, K)`` (K may be 0)."""
+        history = unstack_history(history, times, self.spatial_dims, self.in_channels)
         mask = torch.ones_like(times) if history_mask is None else history_mask.to(times.dtype)
         self._check_inputs(history, times, mask)
         b, t = history.shape[0], history.shape[1]
