@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from .datalist import check_required_codes, fit_vocabulary, forecast_datalist, manifest_datalist
 from .dataset import (
     SECTIONS,
     LongitudinalDataset,
@@ -31,10 +32,14 @@ __all__ = [
     "ManifestError",
     "ManifestProblem",
     "build_longitudinal_items",
+    "check_required_codes",
     "collate_longitudinal",
     "edit_events",
+    "fit_vocabulary",
+    "forecast_datalist",
     "forecast_item",
     "load_manifest",
+    "manifest_datalist",
     "manifest_summary",
     "read_table",
     "running_dose",

@@ -27,6 +27,7 @@ from .functional import (
 )
 from .future import EHRFutureValues, EHRFutureValuesD, EHRFutureValuesd, EHRFutureValuesDict
 from .vocabulary import OOV_INDEX, PAD_INDEX, EHRVocabulary
+from .whatif import EditEventsD, EditEventsd, EditEventsDict
 
 __all__ = [
     "EHRFutureValues",
@@ -49,6 +50,9 @@ __all__ = [
     "EHRToIntervalFeaturesDict",
     "EHRToIntervalFeaturesd",
     "EHRVocabulary",
+    "EditEventsD",
+    "EditEventsDict",
+    "EditEventsd",
     "IntervalFeatureTable",
     "interval_feature_names",
     "interval_feature_table",
