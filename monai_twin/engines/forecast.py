@@ -66,7 +66,8 @@ class ForecastTrainer(SupervisedTrainer):
     """A :class:`~monai.engines.SupervisedTrainer` for twins: image loss + masked future-EHR loss.
 
     The network is called through its ``forecast`` method when it has one (``(image, future_ehr)``),
-    otherwise through ``forward``. Each iteration's output holds MONAI's ``image``/``label``/
+    otherwise through ``forward`` (a ``(image, future_ehr)`` tuple from it is unpacked: wrap a twin
+    in :class:`~monai_twin.networks.ForecastOutputs` before ``DistributedDataParallel``). Each iteration's output holds MONAI's ``image``/``label``/
     ``pred``/``loss`` plus ``loss_image``, ``loss_ehr``, ``pred_ehr`` and ``future_ehr``, so the
     usual handlers (stats, TensorBoard, checkpoints, validation) work unchanged.
 
@@ -98,8 +99,10 @@ class ForecastTrainer(SupervisedTrainer):
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         if hasattr(engine.network, "forecast"):
             pred, pred_ehr = engine.network.forecast(inputs, *args, **kwargs)
-        else:
+        else:  # e.g. DistributedDataParallel(ForecastOutputs(twin)): forward gives (image, future EHR)
             pred, pred_ehr = engine.inferer(inputs, engine.network, *args, **kwargs), None
+            if isinstance(pred, (tuple, list)):
+                pred, pred_ehr = pred
         output[Keys.PRED] = pred
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         loss_image = engine.loss_function(pred, targets).mean()

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from .cvae_gan import CVAEGANRefiner, CVAEGANTrainingStep, RefinedTwin
-from .twin_forecaster import CHANGE_MODELS, CONDITIONING, TwinForecaster, warp_image
+from .twin_forecaster import CHANGE_MODELS, CONDITIONING, ForecastOutputs, TwinForecaster, warp_image
 from .vivit_twin import VIVIT_CONDITIONING, ViViTTwin
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "CONDITIONING",
     "CVAEGANRefiner",
     "CVAEGANTrainingStep",
+    "ForecastOutputs",
     "RefinedTwin",
     "TwinForecaster",
     "VIVIT_CONDITIONING",

@@ -28,7 +28,7 @@ from ..blocks.ehr_encoder import EHREncoder
 from ..blocks.film import FiLM, STFiLM
 from .forecast_inputs import check_forecast_inputs, future_ehr_head, last_visit_index, unstack_history
 
-__all__ = ["CHANGE_MODELS", "CONDITIONING", "TwinForecaster", "warp_image"]
+__all__ = ["CHANGE_MODELS", "CONDITIONING", "ForecastOutputs", "TwinForecaster", "warp_image"]
 
 #: The ways EHR reaches the image features: one flag for the ablation.
 CONDITIONING = ("stfilm", "film", "channels", "none")
@@ -314,3 +314,36 @@ class TwinForecaster(nn.Module):
         ehr_static: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self.forecast(history, times, history_mask, ehr_intervals, ehr_intervals_mask, ehr_static)[0]
+
+
+class ForecastOutputs(nn.Module):
+    """A twin whose ``forward`` returns what its ``forecast`` does: ``(image, future_ehr)``.
+
+    :class:`torch.nn.parallel.DistributedDataParallel` synchronises gradients only for calls
+    through ``forward``, so a twin trained with several processes is wrapped in this before DDP;
+    :class:`~monai_twin.engines.ForecastTrainer` unpacks the tuple and keeps the future-EHR term.
+    The parameters are the twin's (``twin.*`` in this module's state dict): save and load the
+    twin itself.
+
+    Example::
+
+        ddp = DistributedDataParallel(ForecastOutputs(twin))
+        image, future = ddp(history, times=times, ehr_intervals=intervals)
+    """
+
+    def __init__(self, twin: nn.Module) -> None:
+        super().__init__()
+        if not hasattr(twin, "forecast"):
+            raise TypeError(f"ForecastOutputs needs a twin with a forecast method, got {type(twin).__name__}.")
+        self.twin = twin
+
+    def forward(
+        self,
+        history: torch.Tensor,
+        times: torch.Tensor,
+        history_mask: torch.Tensor | None = None,
+        ehr_intervals: torch.Tensor | None = None,
+        ehr_intervals_mask: torch.Tensor | None = None,
+        ehr_static: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.twin.forecast(history, times, history_mask, ehr_intervals, ehr_intervals_mask, ehr_static)
