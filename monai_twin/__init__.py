@@ -19,6 +19,7 @@ __all__ = [
     "data",
     "engines",
     "get_config_values",
+    "handlers",
     "inferers",
     "networks",
     "print_config",
@@ -27,11 +28,22 @@ __all__ = [
     "visualize",
 ]
 
-_SUBMODULES = {"apps", "config", "data", "engines", "inferers", "networks", "transforms", "utils", "visualize"}
+_SUBMODULES = {
+    "apps",
+    "config",
+    "data",
+    "engines",
+    "handlers",
+    "inferers",
+    "networks",
+    "transforms",
+    "utils",
+    "visualize",
+}
 _CONFIG_FUNCTIONS = {"print_config", "get_config_values"}
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import apps, config, data, engines, inferers, networks, transforms, utils, visualize
+    from . import apps, config, data, engines, handlers, inferers, networks, transforms, utils, visualize
     from .config import get_config_values, print_config
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from .evaluators import ForecastEvaluator, WhatIfEvaluator
 from .forecast import ForecastLoss, ForecastTrainer, masked_mse, train_forecaster
 from .prepare_batch import FORECAST_CONDITION_KEYS, ForecastPrepareBatch
 
 __all__ = [
     "FORECAST_CONDITION_KEYS",
+    "ForecastEvaluator",
     "ForecastLoss",
     "ForecastPrepareBatch",
     "ForecastTrainer",
+    "WhatIfEvaluator",
     "masked_mse",
     "train_forecaster",
 ]
