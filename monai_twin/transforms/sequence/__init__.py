@@ -1,11 +1,15 @@
-"""Visit-sequence transforms: load a history of scans as ``(T, C, *spatial)`` pad per-visit keys, and flip
-or shorten them for augmentation."""
+"""Visit-sequence transforms: load a history of scans as ``(T, C, *spatial)`` (or a list of visits), check each
+scan against what a model was trained on, pick one visit, pad per-visit keys, and flip or shorten them for
+augmentation."""
 
 from __future__ import annotations
 
-from .array import LoadSequence, PadSequence
+from .array import ConformScan, LoadSequence, PadSequence, SelectVisit
 from .dictionary import (
     DEFAULT_SEQUENCE_KEYS,
+    ConformScansD,
+    ConformScansd,
+    ConformScansDict,
     LoadSequenceD,
     LoadSequenced,
     LoadSequenceDict,
@@ -18,10 +22,17 @@ from .dictionary import (
     RandHistoryTruncateD,
     RandHistoryTruncated,
     RandHistoryTruncateDict,
+    SelectVisitD,
+    SelectVisitd,
+    SelectVisitDict,
 )
 
 __all__ = [
     "DEFAULT_SEQUENCE_KEYS",
+    "ConformScan",
+    "ConformScansD",
+    "ConformScansDict",
+    "ConformScansd",
     "LoadSequence",
     "LoadSequenceD",
     "LoadSequenceDict",
@@ -36,4 +47,8 @@ __all__ = [
     "RandHistoryTruncateD",
     "RandHistoryTruncateDict",
     "RandHistoryTruncated",
+    "SelectVisit",
+    "SelectVisitD",
+    "SelectVisitDict",
+    "SelectVisitd",
 ]

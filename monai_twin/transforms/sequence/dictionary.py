@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+import os
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from monai.config import DtypeLike, KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import Flip, MapTransform, RandomizableTransform
-from monai.utils import convert_to_dst_type, convert_to_tensor
+from monai.transforms import Flip, InvertibleTransform, MapTransform, RandomizableTransform
+from monai.utils import convert_to_dst_type, convert_to_tensor, ensure_tuple, ensure_tuple_rep
 
-from .array import LoadSequence, PadSequence
+from .array import ConformScan, LoadSequence, PadSequence, SelectVisit
 
 __all__ = [
     "DEFAULT_SEQUENCE_KEYS",
+    "ConformScansD",
+    "ConformScansDict",
+    "ConformScansd",
     "LoadSequenceD",
     "LoadSequenceDict",
     "LoadSequenced",
@@ -28,6 +32,9 @@ __all__ = [
     "RandHistoryTruncateD",
     "RandHistoryTruncateDict",
     "RandHistoryTruncated",
+    "SelectVisitD",
+    "SelectVisitDict",
+    "SelectVisitd",
 ]
 
 #: Per-visit keys of a forecasting sample (visit axis first).
@@ -40,6 +47,8 @@ class LoadSequenced(MapTransform):
     Args:
         keys: keys holding lists of paths (default ``"history"``; add ``"history_label"`` for masks).
         reader, ensure_channel_first, dtype: see :class:`LoadSequence`.
+        stack: ``False`` loads each key as a list of ``(C, *spatial)`` MetaTensors, one per visit with
+            its own affine and metadata, which may differ in shape (see :class:`LoadSequence`).
         allow_missing_keys: skip absent keys.
     """
 
@@ -51,10 +60,11 @@ class LoadSequenced(MapTransform):
         reader: Any = None,
         ensure_channel_first: bool = True,
         dtype: DtypeLike = np.float32,
+        stack: bool = True,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.loader = LoadSequence(reader=reader, ensure_channel_first=ensure_channel_first, dtype=dtype)
+        self.loader = LoadSequence(reader=reader, ensure_channel_first=ensure_channel_first, dtype=dtype, stack=stack)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -278,6 +288,170 @@ class RandHistoryTruncated(RandomizableTransform, MapTransform):
         return d
 
 
+class ConformScansd(MapTransform, InvertibleTransform):
+    """Dictionary version of :class:`ConformScan`: check every scan of a sample against the model's training data.
+
+    Each key holds one scan ``(C, *spatial)`` (e.g. ``"target"``) or a list of them, one per visit
+    (``"history"`` loaded with ``LoadSequenced(stack=False)``); the output has the same form (a list
+    stays a list, each visit on the model's grid, ready for ``RegisterSequenced``). Errors name the
+    subject (``data[subject_key]``), the key, the visit for lists and the file, with what was found
+    and what the model expects. Run it in an inference bundle right after loading a user's
+    manifest, so a scan unlike the training data is resampled or rejected -- never forecast from.
+    Every key is checked against the same model settings: use a second ``ConformScansd`` with
+    ``value_range=None`` and ``mode="nearest"`` for label maps.
+
+    Args:
+        keys: image keys (absent ones raise unless ``allow_missing_keys``).
+        spatial_dims, channels, spacing, spatial_size: see :class:`ConformScan`.
+        value_range, value_tolerance, spacing_tolerance, orientation, on_mismatch: see :class:`ConformScan`.
+        mode: ``Spacing`` interpolation, one per key or one for all.
+        padding_mode: ``Spacing`` padding, one per key or one for all.
+        subject_key: key of the subject id named in errors (``None``: not named).
+        allow_missing_keys: skip absent keys.
+
+    Example::
+
+        Compose([
+            LoadSequenced("history", stack=False), LoadImaged("target", ensure_channel_first=True),
+            ConformScansd(("history", "target"), spatial_dims=2, spacing=0.625, spatial_size=256),
+            RegisterSequenced("history", reference="last", stages="rigid"),  # (T, 1, 256, 256)
+        ])
+    """
+
+    backend = ConformScan.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("history", "target"),
+        spatial_dims: int = 2,
+        channels: int | None = 1,
+        spacing: Sequence[float] | float | None = None,
+        spatial_size: Sequence[int] | int | None = None,
+        value_range: tuple[float, float] | None = (0.0, 1.0),
+        value_tolerance: float = 0.25,
+        spacing_tolerance: float = 0.01,
+        orientation: str | None = None,
+        on_mismatch: str = "resample",
+        mode: str | Sequence[str] = "bilinear",
+        padding_mode: str | Sequence[str] = "border",
+        subject_key: str | None = "subject_id",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mode = ensure_tuple_rep(mode, len(self.keys))
+        self.padding_mode = ensure_tuple_rep(padding_mode, len(self.keys))
+        self.conform = ConformScan(
+            spatial_dims=spatial_dims,
+            channels=channels,
+            spacing=spacing,
+            spatial_size=spatial_size,
+            value_range=value_range,
+            value_tolerance=value_tolerance,
+            spacing_tolerance=spacing_tolerance,
+            orientation=orientation,
+            on_mismatch=on_mismatch,
+            mode=self.mode[0],
+            padding_mode=self.padding_mode[0],
+        )
+        self.subject_key = subject_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        subject = self._subject(d)
+        for key, mode, padding_mode in self.key_iterator(d, self.mode, self.padding_mode):
+            value = d[key]
+            if _is_path(value) or (isinstance(value, (list, tuple)) and any(_is_path(v) for v in value)):
+                raise TypeError(
+                    f"ConformScansd: {subject}key {key!r} holds file paths; it checks loaded scans: load them "
+                    "first (LoadSequenced(stack=False) for a history, LoadImaged with ensure_channel_first=True for "
+                    "one scan)."
+                )
+            if not isinstance(value, (list, tuple)):
+                d[key] = self._conform(value, mode, padding_mode, f"{subject}key {key!r}")
+                continue
+            if not value:
+                raise ValueError(f"ConformScansd: {subject}key {key!r} is an empty list; expected at least one visit.")
+            outs = [
+                self._conform(visit, mode, padding_mode, f"{subject}key {key!r}, visit {t} of {len(value)}")
+                for t, visit in enumerate(value)
+            ]
+            d[key] = outs if isinstance(value, list) else tuple(outs)
+        return d
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            value = d[key]
+            if isinstance(value, (list, tuple)):
+                d[key] = type(value)(self.conform.inverse(visit) for visit in value)
+            else:
+                d[key] = self.conform.inverse(value)
+        return d
+
+    def _conform(self, img: Any, mode: str, padding_mode: str, where: str) -> Any:
+        try:
+            return self.conform(img, mode=mode, padding_mode=padding_mode)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"ConformScansd: {where}: {err}") from err
+
+    def _subject(self, d: Mapping[Hashable, Any]) -> str:
+        if self.subject_key is None:
+            return ""
+        if self.subject_key not in d:
+            return f"subject unknown (no {self.subject_key!r} in the sample), "
+        return f"subject {str(d[self.subject_key])!r}, "
+
+
+class SelectVisitd(MapTransform):
+    """Dictionary version of :class:`SelectVisit`: copy one visit of a history to another key.
+
+    ``data[output_key]`` receives visit ``index`` of ``data[key]`` (a ``(T, C, *spatial)`` stack or a
+    list of visits) as a ``(C, *spatial)`` MetaTensor with its affine and metadata; ``data[key]`` is
+    left as it is. Typical use: hand the last prior visit to ``Registerd(keys="target",
+    fixed_key="reference")`` so that the target scan is registered onto the history's grid.
+
+    Args:
+        keys: history keys.
+        index: visit to copy (``-1``: the most recent).
+        output_key: destination key, one per key.
+        allow_missing_keys: skip absent keys.
+
+    Example::
+
+        SelectVisitd("history", index=-1, output_key="reference")(sample)["reference"]  # (C, H, W)
+    """
+
+    backend = SelectVisit.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection = "history",
+        index: int = -1,
+        output_key: str | Sequence[str] = "reference",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.output_key = ensure_tuple(output_key)
+        if len(self.output_key) != len(self.keys):
+            raise ValueError(
+                f"output_key needs one entry per key: keys {list(self.keys)}, output_key {list(self.output_key)}."
+            )
+        self.select = SelectVisit(index)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key, output_key in self.key_iterator(d, self.output_key):
+            try:
+                d[output_key] = self.select(d[key])
+            except (IndexError, TypeError, ValueError) as err:
+                raise type(err)(f"SelectVisitd: key {key!r}: {err}") from err
+        return d
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, (str, bytes, os.PathLike))
+
+
 def _take_visits(value: Any, selected: slice) -> Any:
     """``value[selected]`` along the visit axis; a loaded history's per-visit metadata follows."""
     if isinstance(value, MetaTensor):
@@ -290,7 +464,9 @@ def _take_visits(value: Any, selected: slice) -> Any:
     return value[selected]
 
 
+ConformScansD = ConformScansDict = ConformScansd
 LoadSequenceD = LoadSequenceDict = LoadSequenced
 PadSequenceD = PadSequenceDict = PadSequenced
 RandFlipSequenceD = RandFlipSequenceDict = RandFlipSequenced
 RandHistoryTruncateD = RandHistoryTruncateDict = RandHistoryTruncated
+SelectVisitD = SelectVisitDict = SelectVisitd
